@@ -1,0 +1,71 @@
+"""timm backbones that return pooled embeddings, with the mistakes caught up front."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from typing import Any
+
+import timm
+from torch import nn
+
+HF_HOST = "huggingface.co"
+
+
+def _hub_reachable(host: str = HF_HOST, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` for a name timm does not know, suggesting close names."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean one of {close}?" if close else " See timm.list_models()."
+    raise ValueError(f"unknown timm model {name!r}.{hint}")
+
+
+def create_backbone(
+    name: str,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, int]:
+    """A timm model without its classifier, and the width of the features it returns.
+
+    Args:
+        name: any ``timm.list_models()`` name, e.g. ``"resnet50"`` or ``"vit_small_patch16_224"``.
+        pretrained: load timm's pretrained weights. They are downloaded from the Hugging Face
+            Hub, so without network access this fails at once with a clear message, unless
+            ``pretrained_file`` points at the weights on disk or ``HF_HUB_OFFLINE=1`` is set
+            and they are in the local cache.
+        pretrained_file: a local ``.safetensors``/``.pth`` file of timm weights for ``name``.
+        kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ``in_chans``...).
+
+    Returns ``(model, width)``: ``model(x)`` gives pooled features ``[N, width]``.
+
+    Example::
+
+        backbone, width = create_backbone("resnet50")  # width == 2048
+    """
+    check_model_name(name)
+    if pretrained_file is not None:
+        if not os.path.isfile(pretrained_file):
+            raise FileNotFoundError(f"pretrained_file {pretrained_file!r} does not exist")
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = dict(file=os.path.abspath(pretrained_file))
+    elif pretrained and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "") and not _hub_reachable():
+        raise RuntimeError(
+            f"pretrained=True needs timm's weights for {name!r} from {HF_HOST}, which cannot be "
+            "reached from this machine. Set pretrained=False to train from scratch, pass "
+            "pretrained_file=PATH with weights downloaded elsewhere, or set HF_HUB_OFFLINE=1 if "
+            "they are already in the Hugging Face cache."
+        )
+    model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    width = getattr(model, "head_hidden_size", None) or model.num_features
+    return model, int(width)

@@ -1,0 +1,69 @@
+"""Per-size top-k accuracy as one torchmetrics ``Metric``.
+
+One metric object holds the correct counts of every (nesting size, k) pair, so a batch
+updates them all in one vectorised pass (a single ``topk`` over ``[G, N, C]``) and DDP
+syncs them in one all-reduce. The accuracy is micro-averaged (ImageNet's top-1: correct
+samples over all samples), not torchmetrics' per-class default.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchmetrics import Metric
+
+
+class MatryoshkaAccuracy(Metric):
+    """Top-k accuracy for every nesting size.
+
+    Args:
+        nesting: the sizes, in the order of the logits' first axis.
+        num_classes: C; a k above C is dropped (top-5 of a 3-class problem is meaningless).
+        top_k: the k values to track.
+
+    ``update(logits: [G, N, C], target: [N])``; ``compute()`` returns
+    ``{"top1@8": tensor, "top5@8": tensor, ...}`` with values in [0, 1].
+
+    Example::
+
+        acc = MatryoshkaAccuracy([8, 16, 32], num_classes=10)
+        acc.update(logits, y)
+        acc.compute()["top1@16"]
+    """
+
+    full_state_update = False
+    higher_is_better = True
+    correct: torch.Tensor
+    total: torch.Tensor
+
+    def __init__(self, nesting: Sequence[int], num_classes: int, top_k: Sequence[int] = (1, 5), **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.nesting = list(nesting)
+        self.num_classes = num_classes
+        self.top_k = [k for k in top_k if k <= num_classes]
+        if not self.top_k:
+            raise ValueError(f"no k in top_k={list(top_k)} is <= num_classes={num_classes}")
+        self.add_state("correct", torch.zeros(len(self.nesting), len(self.top_k), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        if logits.ndim != 3 or logits.shape[0] != len(self.nesting) or logits.shape[1] != target.shape[0]:
+            raise ValueError(
+                f"expected logits [G={len(self.nesting)}, N, C] and target [N], "
+                f"got {tuple(logits.shape)} and {tuple(target.shape)}"
+            )
+        kmax = max(self.top_k)
+        hits = logits.topk(kmax, dim=-1).indices.eq(target[None, :, None])  # [G, N, kmax]
+        hits = hits.cumsum(-1).clamp_(max=1)  # hit within the first k, for every k
+        ks = torch.tensor([k - 1 for k in self.top_k], device=logits.device)
+        self.correct += hits.index_select(-1, ks).sum(1)
+        self.total += target.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        acc = self.correct.double() / self.total.clamp(min=1)
+        return {
+            f"top{k}@{m}": acc[g, j].float()
+            for g, m in enumerate(self.nesting)
+            for j, k in enumerate(self.top_k)
+        }

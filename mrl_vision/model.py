@@ -1,0 +1,242 @@
+"""``MatryoshkaClassifier``: the Lightning glue around a timm backbone and a Matryoshka head."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from .backbones import create_backbone
+from .heads import FixedFeatureHead, MatryoshkaHead, default_nesting, validate_nesting
+from .losses import MatryoshkaLoss
+from .metrics import MatryoshkaAccuracy
+from .optim import build_optimizer, lr_factor, param_groups
+from .report import accuracy_rows, format_table, write_accuracy_report
+
+# The label check below lives in the model so that it guards every data module alike.
+warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule`.*")
+
+HeadKind = Literal["mrl", "mrl_e", "ff", "ff_projection"]
+
+
+def check_labels(target: torch.Tensor, num_classes: int) -> None:
+    """Raise ``ValueError`` naming the first label outside ``[0, num_classes)``.
+
+    Called on CPU batches before they move to the accelerator, so a bad label is a clear
+    message instead of a device-side assert inside cross-entropy.
+    """
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {target.dtype}")
+    if target.numel() == 0:
+        return
+    bad = (target < 0) | (target >= num_classes)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"label {value} is outside [0, {num_classes}): the model has num_classes={num_classes} "
+            "(check the dataset's labels or the model's num_classes)"
+        )
+
+
+class MatryoshkaClassifier(L.LightningModule):
+    """Any timm backbone with a Matryoshka head, trained with the summed per-size loss.
+
+    Args:
+        num_classes: C (linked from the data module by the CLI).
+        backbone: a timm model name.
+        head: ``mrl`` (a classifier per prefix), ``mrl_e`` (one shared weight), ``ff`` (the
+            reference's fixed-feature baseline: a classifier on ``z[:, :m]`` of the full-width
+            backbone) or ``ff_projection`` (a learned projection to ``m`` dims, then a classifier).
+        nesting: prefix sizes, ascending; default powers of two from 8 to the width, ending at the
+            width. For ``ff``/``ff_projection`` one size ``[m]`` (default: the full width, i.e. a
+            standard model).
+        loss_weights: one per size (default all 1).
+        label_smoothing: cross-entropy label smoothing (the reference recipe: 0.1).
+        pretrained / pretrained_file / backbone_kwargs: see :func:`mrl_vision.backbones.create_backbone`.
+        optimizer, lr, momentum, nesterov, weight_decay: ``sgd`` or ``adamw``; weight decay is
+            not applied to norm layers, biases, or timm's ``no_weight_decay()`` parameters.
+        lr_schedule: ``triangular`` (linear up to ``warmup_epochs``, then linear to 0, as in the
+            reference recipe), ``cosine`` (warm-up then cosine to 0) or ``constant``; stepped per
+            iteration.
+        warmup_epochs: epochs of linear warm-up (the peak epoch for ``triangular``).
+        channels_last: run the backbone in channels-last memory format (faster convolutions
+            under mixed precision on GPUs).
+        top_k: the k of the per-size top-k accuracies.
+
+    Example::
+
+        model = MatryoshkaClassifier(num_classes=1000, backbone="resnet50", head="mrl")
+        logits = model(images)                    # [9, N, 1000], sizes 8..2048
+        preds_64 = model.predict(images, dim=64)  # [N], classes from the first 64 dims
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: str = "resnet18",
+        head: HeadKind = "mrl",
+        nesting: list[int] | None = None,
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        pretrained: bool = False,
+        pretrained_file: str | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 5e-5,
+        lr_schedule: Literal["triangular", "cosine", "constant"] = "cosine",
+        warmup_epochs: float = 0.0,
+        channels_last: bool = False,
+        top_k: list[int] = [1, 5],  # noqa: B006 (jsonargparse shows list defaults)
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if head not in ("mrl", "mrl_e", "ff", "ff_projection"):
+            raise ValueError(f"unknown head {head!r}; choose mrl, mrl_e, ff or ff_projection")
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose sgd or adamw")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        self.num_classes = num_classes
+        self.backbone, self.width = create_backbone(
+            backbone, pretrained=pretrained, pretrained_file=pretrained_file, **(backbone_kwargs or {})
+        )
+        if head in ("ff", "ff_projection"):
+            sizes = validate_nesting(nesting if nesting is not None else [self.width], self.width)
+            if len(sizes) != 1:
+                raise ValueError(f"a fixed-feature head trains one size; got nesting={sizes}")
+            self.head = FixedFeatureHead(self.width, num_classes, sizes[0], projection=head == "ff_projection")
+        else:
+            sizes = nesting if nesting is not None else default_nesting(self.width)
+            self.head = MatryoshkaHead(self.width, num_classes, sizes, efficient=head == "mrl_e")
+        self.nesting: list[int] = list(self.head.nesting)
+        self.criterion = MatryoshkaLoss(len(self.nesting), loss_weights, label_smoothing)
+        self.train_acc = MatryoshkaAccuracy(self.nesting, num_classes, top_k)
+        self.val_acc = MatryoshkaAccuracy(self.nesting, num_classes, top_k)
+        self.test_acc = MatryoshkaAccuracy(self.nesting, num_classes, top_k)
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.test_results: list[dict] = []
+
+    # ----------------------------------------------------------------- inference API
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone embedding ``[N, d]``."""
+        if self.hparams.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        z = self.backbone(x)
+        if z.ndim != 2 or z.shape[1] != self.width:
+            raise RuntimeError(
+                f"backbone {self.hparams.backbone!r} returned features of shape {tuple(z.shape)}, "
+                f"expected [N, {self.width}]"
+            )
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for every nesting size, ``[G, N, C]``."""
+        return self.head(self.features(x))
+
+    def embed(self, x: torch.Tensor, dim: int | None = None, normalize: bool = False) -> torch.Tensor:
+        """The embedding truncated to ``dim`` (a nesting size; default the largest): ``[N, dim]``.
+
+        For an ``ff_projection`` head this is the learned ``m``-dimensional projection.
+        """
+        dim = self.nesting[-1] if dim is None else dim
+        self.head.index_of(dim)
+        z = self.features(x)
+        e = self.head.embed(z) if isinstance(self.head, FixedFeatureHead) else z[:, :dim]
+        return torch.nn.functional.normalize(e, dim=-1) if normalize else e
+
+    def predict(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """Class predictions ``[N]`` from the first ``dim`` dimensions (one head size only)."""
+        dim = self.nesting[-1] if dim is None else dim
+        return self.head.logits_at(self.features(x), dim).argmax(-1)
+
+    # ----------------------------------------------------------------- training loop
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, (list, tuple)) and len(batch) >= 2 and torch.is_tensor(batch[1]):
+            if batch[1].device.type == "cpu":
+                check_labels(batch[1], self.num_classes)
+        return batch
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = self.criterion(logits, y)
+        getattr(self, f"{stage}_acc").update(logits.detach(), y)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
+                 prog_bar=stage == "train", batch_size=y.shape[0], sync_dist=stage != "train")
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Per-size predictions: ``preds`` and max-softmax ``confidence``, both ``[N, G]``,
+        plus ``target`` when the batch carries labels."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        probs = self(x).float().softmax(-1)  # [G, N, C]
+        conf, preds = probs.max(-1)
+        out = {"preds": preds.T.contiguous(), "confidence": conf.T.contiguous()}
+        if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+            out["target"] = batch[1]
+        return out
+
+    def _log_accuracy(self, stage: str) -> dict[str, float]:
+        metric: MatryoshkaAccuracy = getattr(self, f"{stage}_acc")
+        if not metric.update_called:
+            return {}
+        values = {f"{stage}/{k}": v for k, v in metric.compute().items()}  # synced across ranks
+        metric.reset()
+        self.log_dict(values, prog_bar=False)
+        return {k: float(v) for k, v in values.items()}
+
+    def on_train_epoch_end(self) -> None:
+        self._log_accuracy("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._log_accuracy("val")
+        else:
+            self.val_acc.reset()
+
+    def on_test_epoch_end(self) -> None:
+        values = self._log_accuracy("test")
+        rows = accuracy_rows(values, prefix="test/")
+        self.test_results = rows
+        if self.trainer.is_global_zero and rows:
+            title = f"{self.hparams.backbone} {self.hparams.head} test accuracy"
+            rank_zero_info("\n" + format_table(rows, title))
+            out_dir = self.trainer.log_dir or self.trainer.default_root_dir
+            csv_path, png_path = write_accuracy_report(rows, out_dir, title=title)
+            rank_zero_info(f"wrote {csv_path} and {png_path}")
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        opt = build_optimizer(
+            hp.optimizer, param_groups(self, hp.weight_decay), hp.lr, hp.momentum, hp.nesterov
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        max_epochs = self.trainer.max_epochs or -1
+        if max_epochs > 0:
+            steps_per_epoch = total / max_epochs
+        else:  # trained by max_steps: one epoch is one pass over the training loader
+            steps_per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
+        warmup = int(round(hp.warmup_epochs * steps_per_epoch))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(hp.lr_schedule, total, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
