@@ -2,7 +2,7 @@
 
 1. One training step (forward + backward + SGD step) of the same timm backbone with a plain
    ``Linear(d, C)`` head + cross-entropy, the MRL head + MatryoshkaLoss, and the MRL-E head +
-   MatryoshkaLoss. The variants run interleaved (plain, MRL, MRL-E, plain, ...) so machine noise
+   MatryoshkaLoss. The variants run interleaved, in an order rotated every round, so machine noise
    hits them alike; the median step time of each is reported with its ratio to plain.
 2. The head alone, ``z: [N, d] -> logits``: one full-width linear, the fused MRL-E (all sizes in
    one pass), the naive MRL-E loop (one matmul per size) and MRL (one Linear per size),
@@ -32,6 +32,7 @@ from mrl_vision.losses import MatryoshkaLoss
 
 
 def step_times(backbone_name: str, num_classes: int, image_size: int, batch: int, repeats: int, warmup: int) -> dict[str, float]:
+    """Median and min step time of each variant, and each head's own forward + backward time."""
     torch.manual_seed(0)
     backbone, width = create_backbone(backbone_name)
     nesting = default_nesting(width)
@@ -56,12 +57,23 @@ def step_times(backbone_name: str, num_classes: int, image_size: int, batch: int
         return time.perf_counter() - t0
 
     times: dict[str, list[float]] = {n: [] for n in heads}
+    names = list(heads)
     for r in range(warmup + repeats):
-        for name in heads:
+        for name in names[r % 3 :] + names[: r % 3]:  # rotate the order: no variant always runs first
             t = step(name)
             if r >= warmup:
                 times[name].append(t)
-    return {n: statistics.median(ts) for n, ts in times.items()}
+    result = {f"{n} median": statistics.median(ts) for n, ts in times.items()}
+    result.update({f"{n} min": min(ts) for n, ts in times.items()})
+    # The heads' own cost, timed precisely in isolation (head + loss, forward + backward on the
+    # embedding), gives a noise-free estimate of the step ratio: 1 + (head - plain head) / step.
+    z = torch.randn(batch, width, requires_grad=True)
+    for name, (head, loss_fn) in heads.items():
+        def fwd_bwd(head=head, loss_fn=loss_fn):
+            loss_fn(head(z), y).backward()
+
+        result[f"{name} head"] = benchmark.Timer("f()", globals={"f": fwd_bwd}).blocked_autorange(min_run_time=0.5).median
+    return result
 
 
 def head_times(width: int, num_classes: int, batch: int, min_run_time: float) -> dict[str, dict[str, float]]:
@@ -102,7 +114,7 @@ def head_times(width: int, num_classes: int, batch: int, min_run_time: float) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny models, few repeats (a smoke run)")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -115,13 +127,20 @@ def main() -> None:
         settings = [("resnet50", 1000, 224, 16), ("resnet18", 10, 32, 128)]
         repeats, warmup, head_cfg, min_t = args.repeats, 2, (2048, 1000, 256), 0.5
 
-    print("\n== One training step (forward + backward + SGD step), median of interleaved runs ==")
-    print(f"{'backbone':<12}{'classes':>8}{'px':>5}{'batch':>6}{'plain ms':>10}{'MRL ms':>9}{'MRL-E ms':>10}{'MRL/plain':>11}{'MRL-E/plain':>13}")
+    print("\n== One training step (forward + backward + SGD step), interleaved runs ==")
+    print("ratio to plain: median step / min step / estimate from the heads' own cost (1 + extra head time / step)")
+    print(f"{'backbone':<12}{'classes':>8}{'px':>5}{'batch':>6}{'plain ms':>10}{'MRL ms':>9}{'MRL-E ms':>10}   {'MRL/plain':<25}{'MRL-E/plain':<25}")
     for name, classes, px, batch in settings:
         t = step_times(name, classes, px, batch, repeats, warmup)
+        step = t["plain median"]
+
+        def ratios(v: str) -> str:
+            est = 1 + (t[f"{v} head"] - t["plain head"]) / step
+            return f"{t[f'{v} median'] / step:.3f} / {t[f'{v} min'] / t['plain min']:.3f} / {est:.4f}"
+
         print(
-            f"{name:<12}{classes:>8}{px:>5}{batch:>6}{1e3 * t['plain']:>10.1f}{1e3 * t['MRL']:>9.1f}{1e3 * t['MRL-E']:>10.1f}"
-            f"{t['MRL'] / t['plain']:>11.3f}{t['MRL-E'] / t['plain']:>13.3f}"
+            f"{name:<12}{classes:>8}{px:>5}{batch:>6}{1e3 * step:>10.1f}{1e3 * t['MRL median']:>9.1f}"
+            f"{1e3 * t['MRL-E median']:>10.1f}   {ratios('MRL'):<25}{ratios('MRL-E'):<25}"
         )
 
     width, classes, batch = head_cfg

@@ -29,6 +29,8 @@ def default_nesting(width: int, smallest: int = 8) -> list[int]:
     """
     if width < 1:
         raise ValueError(f"embedding width must be >= 1, got {width}")
+    if smallest < 1:
+        raise ValueError(f"smallest nesting size must be >= 1, got {smallest}")
     sizes = []
     m = smallest
     while m < width:
@@ -63,6 +65,47 @@ def validate_nesting(nesting: Sequence[int], width: int) -> list[int]:
                 f"nesting sizes must be strictly increasing: {m} follows {sizes[i - 1]} in {sizes}"
             )
     return sizes
+
+
+class NestedLinear(torch.autograd.Function):
+    """MRL-E logits of every size in one pass: ``z: [N, d], W: [C, m_G], b: [C] -> [G, N, C]``.
+
+    Block k holds dims ``[n_{k-1}, n_k)``; ``logits_k = logits_{k-1} + z_k @ W_k.T``, so each
+    block's product is computed once and accumulated (the FLOPs of one full-width linear). The
+    backward uses the reverse cumulative sum ``S_k = sum_{g >= k} dL/dlogits_g``: block k's
+    gradients are ``S_k @ W_k`` (for z) and ``S_k.T @ z_k`` (for W), written straight into their
+    columns instead of autograd's per-slice zero-filled buffers.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, nesting: tuple[int, ...]) -> torch.Tensor:
+        ctx.save_for_backward(z, weight)
+        ctx.nesting = nesting
+        out = z.new_empty(len(nesting), z.shape[0], weight.shape[0])
+        torch.addmm(bias, z[:, : nesting[0]], weight[:, : nesting[0]].T, out=out[0])
+        for g in range(1, len(nesting)):
+            a, m = nesting[g - 1], nesting[g]
+            torch.addmm(out[g - 1], z[:, a:m], weight[:, a:m].T, out=out[g])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, weight = ctx.saved_tensors
+        nesting = ctx.nesting
+        s = grad.clone(memory_format=torch.contiguous_format)  # S_k = sum over g >= k, in place
+        for g in range(len(nesting) - 2, -1, -1):
+            s[g] += s[g + 1]
+        grad_z = grad_w = grad_b = None
+        bounds = list(zip((0, *nesting[:-1]), nesting))
+        if ctx.needs_input_grad[0]:
+            grad_z = z.new_zeros(z.shape)  # dims beyond the largest size get no gradient
+            for g, (a, m) in enumerate(bounds):
+                grad_z[:, a:m] = s[g] @ weight[:, a:m]
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.cat([s[g].T @ z[:, a:m] for g, (a, m) in enumerate(bounds)], dim=1)
+        if ctx.needs_input_grad[2]:
+            grad_b = s[0].sum(0)
+        return grad_z, grad_w, grad_b, None
 
 
 class MatryoshkaHead(nn.Module):
@@ -106,14 +149,15 @@ class MatryoshkaHead(nn.Module):
         return torch.stack([lin(z[:, :m]) for m, lin in zip(self.nesting, self.linears)])
 
     def _efficient_logits(self, z: torch.Tensor) -> torch.Tensor:
-        # Block k holds dims [n_{k-1}, n_k). logits_k = logits_{k-1} + z_k @ W_k.T: each block's
-        # product is computed once and accumulated (a running sum over blocks, fused into addmm),
-        # so all sizes cost the FLOPs of one full-width linear.
-        w, b, n = self.linear.weight, self.linear.bias, self.nesting
-        logits = [torch.addmm(b, z[:, : n[0]], w[:, : n[0]].T)]
-        for a, m in zip(n[:-1], n[1:]):
-            logits.append(torch.addmm(logits[-1], z[:, a:m], w[:, a:m].T))
-        return torch.stack(logits)
+        w, b = self.linear.weight, self.linear.bias
+        device = z.device.type
+        if torch.is_autocast_enabled(device):  # the Function runs outside autocast: cast here
+            dtype = torch.get_autocast_dtype(device)
+            z, w, b = z.to(dtype), w.to(dtype), b.to(dtype)
+        else:
+            w, b = w.to(z.dtype), b.to(z.dtype)
+        with torch.autocast(device, enabled=False):
+            return NestedLinear.apply(z, w, b, tuple(self.nesting))
 
     def logits_at(self, z: torch.Tensor, size: int) -> torch.Tensor:
         """Logits of one nesting size only: ``z: [N, d] -> [N, C]``."""

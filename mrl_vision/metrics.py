@@ -48,9 +48,15 @@ class MatryoshkaAccuracy(Metric):
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        if logits.ndim != 3 or logits.shape[0] != len(self.nesting) or logits.shape[1] != target.shape[0]:
+        if (
+            logits.ndim != 3
+            or target.ndim != 1
+            or logits.shape[0] != len(self.nesting)
+            or logits.shape[1] != target.shape[0]
+            or logits.shape[2] != self.num_classes
+        ):
             raise ValueError(
-                f"expected logits [G={len(self.nesting)}, N, C] and target [N], "
+                f"expected logits [G={len(self.nesting)}, N, C={self.num_classes}] and target [N], "
                 f"got {tuple(logits.shape)} and {tuple(target.shape)}"
             )
         kmax = max(self.top_k)

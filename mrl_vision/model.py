@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Literal
 
@@ -231,12 +232,19 @@ class MatryoshkaClassifier(L.LightningModule):
         opt = build_optimizer(
             hp.optimizer, param_groups(self, hp.weight_decay), hp.lr, hp.momentum, hp.nesterov
         )
-        total = int(self.trainer.estimated_stepping_batches)
-        max_epochs = self.trainer.max_epochs or -1
-        if max_epochs > 0:
-            steps_per_epoch = total / max_epochs
-        else:  # trained by max_steps: one epoch is one pass over the training loader
-            steps_per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
-        warmup = int(round(hp.warmup_epochs * steps_per_epoch))
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)
+        warmup = int(round(hp.warmup_epochs * self._optimizer_steps_per_epoch(total)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(hp.lr_schedule, total, warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _optimizer_steps_per_epoch(self, total_steps: int) -> float:
+        """Optimizer steps in one pass over the training data (for epoch-based warm-up)."""
+        trainer = self.trainer
+        if not math.isfinite(trainer.num_training_batches):
+            trainer.fit_loop.setup_data()  # with only max_steps set, Lightning has not loaded it yet
+        batches = trainer.num_training_batches
+        if math.isfinite(batches) and batches > 0:
+            return math.ceil(batches / trainer.accumulate_grad_batches)
+        max_epochs = trainer.max_epochs or -1  # an iterable without a length
+        return total_steps / max_epochs if max_epochs > 0 else total_steps

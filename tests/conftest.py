@@ -1,0 +1,59 @@
+"""Shared fixtures of the mrl-vision test suite."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
+
+# The nesting of timm's tiny ``test_resnet`` (width 96) under the default rule.
+TEST_RESNET_WIDTH = 96
+TEST_RESNET_NESTING = [8, 16, 32, 64, 96]
+
+JPEG_CLASSES = ("cat", "dog", "fox")
+JPEG_TRAIN_PER_CLASS = 4
+JPEG_VAL_PER_CLASS = 2
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working directory: ``runs/`` and any file written relative to the cwd land here.
+
+    ``sys.argv`` is reset so that LightningCLI(args=...) does not also see pytest's arguments.
+    """
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["mrl-vision"])
+    return tmp_path
+
+
+def write_jpeg_tree(
+    root: Path,
+    classes: tuple[str, ...] = JPEG_CLASSES,
+    train_per_class: int = JPEG_TRAIN_PER_CLASS,
+    val_per_class: int = JPEG_VAL_PER_CLASS,
+    seed: int = 0,
+) -> Path:
+    """Write ``root/{train,val}/<class>/*.jpg``: real JPEG files of random pixels, odd sizes."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = int(rng.integers(36, 60)), int(rng.integers(36, 60))
+                pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{c}_{i}.jpg", format="JPEG")
+    return root
+
+
+@pytest.fixture
+def jpeg_tree(tmp_path: Path) -> Path:
+    """A tiny ImageFolder tree of real JPEGs: 3 classes, 4 train and 2 val images each."""
+    return write_jpeg_tree(tmp_path / "images")
