@@ -57,3 +57,55 @@ class PredictionWriter(BasePredictionWriter):
         self.path = Path(out_dir) / name
         atomic_write_text(self.path, "\n".join(lines) + "\n")
         print(f"wrote {len(preds)} predictions to {self.path}")
+
+
+def progressive_resolution(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
+    """Training resolution at ``epoch``: ``min_res`` up to ``start_ramp``, ``max_res`` from
+    ``end_ramp``, linear in between rounded to a multiple of ``step`` (the reference recipe)."""
+    if epoch <= start_ramp:
+        return min_res
+    if epoch >= end_ramp:
+        return max_res
+    frac = (epoch - start_ramp) / (end_ramp - start_ramp)
+    return int(round((min_res + frac * (max_res - min_res)) / step)) * step
+
+
+class ProgressiveResizing(L.Callback):
+    """Grow the training crop from ``min_res`` to ``max_res`` between ``start_ramp`` and
+    ``end_ramp`` epochs (multiples of ``step``), as in the FFCV ImageNet recipe (160 -> 192 px
+    between epochs 29 and 34 of 40).
+
+    Works with any data module that has ``set_train_resolution(size)`` (``FFCVDataModule``
+    changes its decoder's output size, effective from the next epoch's first batch).
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: mrl_vision.callbacks.ProgressiveResizing
+              init_args: {min_res: 160, max_res: 192, start_ramp: 29, end_ramp: 34}
+    """
+
+    def __init__(self, min_res: int = 160, max_res: int = 192, start_ramp: int = 29, end_ramp: int = 34, step: int = 32) -> None:
+        if not 0 < min_res <= max_res:
+            raise ValueError(f"need 0 < min_res <= max_res, got min_res={min_res}, max_res={max_res}")
+        if end_ramp <= start_ramp:
+            raise ValueError(f"end_ramp ({end_ramp}) must be after start_ramp ({start_ramp})")
+        if step < 1 or min_res % step or max_res % step:
+            raise ValueError(f"min_res ({min_res}) and max_res ({max_res}) must be multiples of step ({step})")
+        self.min_res, self.max_res, self.start_ramp, self.end_ramp, self.step = min_res, max_res, start_ramp, end_ramp, step
+
+    def resolution(self, epoch: int) -> int:
+        return progressive_resolution(epoch, self.min_res, self.max_res, self.start_ramp, self.end_ramp, self.step)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and not hasattr(trainer.datamodule, "set_train_resolution"):
+            raise TypeError(
+                f"ProgressiveResizing needs a data module with set_train_resolution(); "
+                f"{type(trainer.datamodule).__name__} has none (use FFCVDataModule)"
+            )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        res = self.resolution(trainer.current_epoch)
+        trainer.datamodule.set_train_resolution(res)
+        pl_module.log("train/resolution", float(res), on_step=False, on_epoch=True)

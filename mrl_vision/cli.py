@@ -3,10 +3,13 @@
     mrl-vision fit                                  # the quickstart (real MNIST digits, CPU-friendly)
     mrl-vision fit --config configs/quickstart.yaml --trainer.max_epochs 2
     mrl-vision test --config configs/quickstart.yaml --ckpt_path runs/quickstart/version_0/checkpoints/last.ckpt
+    mrl-vision prepare data/imagenet/train data/imagenet/train.beton --max-resolution 512
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from importlib import resources
 from typing import Sequence
@@ -46,8 +49,51 @@ def with_default_config(args: Sequence[str]) -> list[str]:
     return [args[0], "--config", quickstart_config(), *args[1:]]
 
 
+def prepare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mrl-vision prepare",
+        description="Write an image folder tree (SOURCE/<class>/<image>) or the built-in 'quickstart' "
+        "digits to an FFCV .beton file, with a sidecar OUTPUT.beton.json.",
+    )
+    p.add_argument("source", help="image folder tree, or 'quickstart'")
+    p.add_argument("output", help="the .beton file to write")
+    p.add_argument("--split", default="train", choices=["train", "val", "test"], help="quickstart split (default train)")
+    p.add_argument("--max-resolution", type=int, default=None, help="cap on the longer side in pixels (default: none)")
+    p.add_argument("--write-mode", default="raw", choices=["raw", "jpg", "proportion", "smart"],
+                   help="raw pixels, JPEG, or JPEG with --compress-probability (default raw)")
+    p.add_argument("--compress-probability", type=float, default=0.5, help="for --write-mode proportion")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--num-workers", type=int, default=-1, help="writer processes (default: all cores)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images per class")
+    p.add_argument("--seed", type=int, default=0, help="quickstart split seed")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    return p
+
+
+def prepare(args: Sequence[str]) -> dict:
+    """``mrl-vision prepare``: parse ``args`` and write the .beton file; returns its sidecar."""
+    from .data.beton import write_beton
+
+    a = prepare_parser().parse_args(list(args))
+    try:
+        info = write_beton(
+            a.source, a.output, split=a.split, max_resolution=a.max_resolution, write_mode=a.write_mode,
+            compress_probability=a.compress_probability, jpeg_quality=a.jpeg_quality,
+            num_workers=a.num_workers, limit=a.limit, seed=a.seed, overwrite=a.overwrite,
+        )
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+        raise SystemExit(f"mrl-vision prepare: error: {e}") from None
+    summary = {k: info[k] for k in ("num_samples", "num_classes", "file_size", "seconds")}
+    print(f"wrote {a.output}: {json.dumps(summary)}")
+    return info
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point of ``mrl-vision``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "prepare":
+        prepare(argv[1:])
+        return
     cli(args)
 
 

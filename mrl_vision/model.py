@@ -65,6 +65,8 @@ class MatryoshkaClassifier(L.LightningModule):
         warmup_epochs: epochs of linear warm-up (the peak epoch for ``triangular``).
         channels_last: run the backbone in channels-last memory format (faster convolutions
             under mixed precision on GPUs).
+        eval_flip_tta: horizontal-flip test-time augmentation in validation, test and predict:
+            the logits of the image and of its mirror image are summed (the reference recipe).
         top_k: the k of the per-size top-k accuracies.
 
     Example::
@@ -93,6 +95,7 @@ class MatryoshkaClassifier(L.LightningModule):
         lr_schedule: Literal["triangular", "cosine", "constant"] = "cosine",
         warmup_epochs: float = 0.0,
         channels_last: bool = False,
+        eval_flip_tta: bool = False,
         top_k: list[int] = [1, 5],  # noqa: B006 (jsonargparse shows list defaults)
     ) -> None:
         super().__init__()
@@ -145,6 +148,12 @@ class MatryoshkaClassifier(L.LightningModule):
         """Logits for every nesting size, ``[G, N, C]``."""
         return self.head(self.features(x))
 
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits ``[G, N, C]``: with ``eval_flip_tta``, those of x plus its mirror image."""
+        if not self.hparams.eval_flip_tta:
+            return self(x)
+        return self(torch.cat([x, x.flip(-1)])).unflatten(1, (2, x.shape[0])).sum(1)
+
     def embed(self, x: torch.Tensor, dim: int | None = None, normalize: bool = False) -> torch.Tensor:
         """The embedding truncated to ``dim`` (a nesting size; default the largest): ``[N, dim]``.
 
@@ -170,7 +179,7 @@ class MatryoshkaClassifier(L.LightningModule):
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y = batch[0], batch[1]
-        logits = self(x)
+        logits = self(x) if stage == "train" else self.eval_logits(x)
         loss = self.criterion(logits, y)
         getattr(self, f"{stage}_acc").update(logits.detach(), y)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
@@ -190,7 +199,7 @@ class MatryoshkaClassifier(L.LightningModule):
         """Per-size predictions: ``preds`` and max-softmax ``confidence``, both ``[N, G]``,
         plus ``target`` when the batch carries labels."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs = self(x).float().softmax(-1)  # [G, N, C]
+        probs = self.eval_logits(x).float().softmax(-1)  # [G, N, C]
         conf, preds = probs.max(-1)
         out = {"preds": preds.T.contiguous(), "confidence": conf.T.contiguous()}
         if isinstance(batch, (list, tuple)) and len(batch) >= 2:

@@ -1,6 +1,18 @@
-"""Data modules: the built-in quickstart digits and users' image folders."""
+"""Data modules: the built-in quickstart digits, users' image folders (torchvision), and FFCV files.
+
+``FFCVDataModule`` needs the optional ffcv package; importing it without ffcv fails with one line
+saying how to install it.
+"""
 
 from .imagefolder import ImageFolderDataModule
 from .quickstart import QuickstartDataModule
 
-__all__ = ["ImageFolderDataModule", "QuickstartDataModule"]
+__all__ = ["FFCVDataModule", "ImageFolderDataModule", "QuickstartDataModule"]
+
+
+def __getattr__(name: str):
+    if name == "FFCVDataModule":  # imported lazily: ffcv is an optional extra
+        from .ffcv_loader import FFCVDataModule
+
+        return FFCVDataModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

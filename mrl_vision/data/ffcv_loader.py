@@ -1,0 +1,222 @@
+"""``FFCVDataModule``: ImageNet-style training from FFCV ``.beton`` files at speed.
+
+Data path: ``mrl-vision prepare`` writes ``train.beton``/``val.beton`` (see ``beton.py``); this
+module checks them against their sidecars when built, and creates one FFCV ``Loader`` per split
+inside the ``*_dataloader()`` hooks (so under DDP the process group exists and each rank reads
+its own shard with ``distributed=True``).
+
+Pipelines: images are decoded, cropped and flipped on the CPU by FFCV's JIT-compiled operations,
+handed over as ``uint8`` NCHW (channels-last strides) and normalised in torch after the batch
+reaches the device, in the Trainer's precision. All JIT operations come before the torch ones: on
+the CPU, alternating them makes FFCV's pipeline grouping loop forever. On a GPU the ``uint8`` batch
+is copied non-blocking by FFCV's ``ToDevice`` and normalised there (no cupy needed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import lightning as L
+import torch
+
+from .beton import check_beton, require_ffcv
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+ORDERS = ("random", "quasi_random", "sequential")
+
+
+def precision_dtype(precision: str | int | None) -> torch.dtype:
+    """The input dtype that matches a Trainer precision setting (``bf16-mixed`` -> bfloat16)."""
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16") or p == "half":
+        return torch.float16
+    if p.startswith("64"):
+        return torch.float64
+    return torch.float32
+
+
+class FFCVDataModule(L.LightningDataModule):
+    """FFCV loaders for ``.beton`` files written by ``mrl-vision prepare``.
+
+    Args:
+        train_path / val_path / test_path / predict_path: ``.beton`` files (``test_path`` defaults
+            to ``val_path``, ``predict_path`` to ``test_path``).
+        image_size: training RandomResizedCrop output side (``ProgressiveResizing`` changes it
+            between epochs).
+        eval_image_size / eval_crop_ratio: evaluation center crop: the central ``eval_crop_ratio``
+            of the short side, resized to ``eval_image_size`` (the reference: 256 px, 224/256).
+        batch_size: per device (the global batch is ``batch_size x devices x num_nodes``);
+            ``eval_batch_size`` defaults to it.
+        num_workers: FFCV decoding threads per process.
+        os_cache: let the OS page cache hold the file (best when it fits in RAM); otherwise FFCV's
+            own process cache reads pages on demand.
+        batches_ahead: batches prepared ahead of the training step.
+        order: ``random`` (works with DDP), ``quasi_random`` (faster when the file does not fit in
+            RAM; single process only) or ``sequential``. Evaluation is always sequential.
+        drop_last: drop the last incomplete training batch.
+        hflip: random horizontal flip for training (off for data like digits).
+        rrc_scale / rrc_ratio: RandomResizedCrop's area and aspect ranges.
+        mean / std: normalisation in [0, 1] units.
+        num_classes: expected class count, checked against the files' sidecars (default: theirs).
+        distributed: shard with ``distributed=True``; default: when the Trainer has more than one process.
+        seed: order seed (the same on every rank, so shards do not overlap).
+
+    Example::
+
+        dm = FFCVDataModule("data/imagenet/train.beton", "data/imagenet/val.beton",
+                            image_size=160, eval_image_size=256, batch_size=512)
+        dm.num_classes  # from the sidecar: 1000
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        predict_path: str | None = None,
+        image_size: int = 224,
+        eval_image_size: int = 224,
+        eval_crop_ratio: float = 224 / 256,
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 8,
+        os_cache: bool = True,
+        batches_ahead: int = 3,
+        order: Literal["random", "quasi_random", "sequential"] = "random",
+        drop_last: bool = True,
+        hflip: bool = True,
+        rrc_scale: Sequence[float] = (0.08, 1.0),
+        rrc_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        num_classes: int | None = None,
+        distributed: bool | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        require_ffcv()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if order == "quasi_random" and distributed:
+            raise ValueError("order='quasi_random' does not work with distributed=True; use order='random'")
+        for name, value in (("batch_size", batch_size), ("image_size", image_size), ("eval_image_size", eval_image_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 0.0 < eval_crop_ratio <= 1.0:
+            raise ValueError(f"eval_crop_ratio must be in (0, 1], got {eval_crop_ratio}")
+        if batches_ahead < 1:
+            raise ValueError(f"batches_ahead must be >= 1, got {batches_ahead}")
+        self.save_hyperparameters(ignore=["num_classes"])  # the model logs the real num_classes
+        test_path = test_path or val_path
+        self.paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path or test_path}
+        given = {k: p for k, p in self.paths.items() if p}
+        if not given:
+            raise ValueError("FFCVDataModule needs at least one of train_path, val_path, test_path")
+        self.info = {p: check_beton(p, num_classes) for p in set(given.values())}
+        classes = {tuple(i["classes"]) for i in self.info.values()}
+        if len(classes) > 1:
+            raise ValueError(f"the FFCV files disagree on their classes: {sorted(given.values())}")
+        self.classes = list(next(iter(classes)))
+        self.image_size = image_size
+        self._decoders: list[Any] = []  # training RandomResizedCrop decoders (resized between epochs)
+        self._mean = torch.tensor(mean) * 255
+        self._std = torch.tensor(std) * 255
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    # ------------------------------------------------------------------ resolution
+    def set_train_resolution(self, size: int) -> None:
+        """Change the training crop size; takes effect at the next epoch (the next ``iter``)."""
+        if size < 1:
+            raise ValueError(f"resolution must be >= 1, got {size}")
+        self.image_size = size
+        for dec in self._decoders:
+            dec.output_size = (size, size)
+
+    # ------------------------------------------------------------------ loaders
+    def _device(self) -> torch.device:
+        trainer = self.trainer if self._trainer_attached() else None
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
+    def _distributed(self) -> bool:
+        if self.hparams.distributed is not None:
+            return self.hparams.distributed
+        return self._trainer_attached() and self.trainer.world_size > 1
+
+    def make_loader(self, split: str):
+        """The FFCV ``Loader`` of ``split`` (``train``, ``val``, ``test`` or ``predict``)."""
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        hp = self.hparams
+        path = self.paths[split]
+        if not path:
+            raise ValueError(f"no FFCV file for the {split} split: set {split}_path")
+        train = split == "train"
+        distributed = self._distributed()
+        if train and hp.order == "quasi_random" and distributed:
+            raise ValueError("order='quasi_random' does not work under DDP (distributed=True); use order='random'")
+        if train:
+            decoder = RandomResizedCropRGBImageDecoder(
+                (self.image_size, self.image_size), scale=tuple(hp.rrc_scale), ratio=tuple(hp.rrc_ratio)
+            )
+            self._decoders.append(decoder)
+            image = [decoder] + ([RandomHorizontalFlip()] if hp.hflip else [])
+        else:
+            image = [CenterCropRGBImageDecoder((hp.eval_image_size, hp.eval_image_size), ratio=hp.eval_crop_ratio)]
+        label = [IntDecoder(), ToTensor(), Squeeze()]
+        image.append(ToTensor())  # every JIT op above, every torch op below
+        device = self._device()
+        if device.type == "cuda":
+            image.append(ToDevice(device, non_blocking=True))
+            label.append(ToDevice(device, non_blocking=True))
+        image.append(ToTorchImage(channels_last=True))
+        order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}.get(hp.order, OrderOption.SEQUENTIAL)
+        return Loader(
+            str(path),
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            num_workers=hp.num_workers,
+            os_cache=hp.os_cache,
+            order=order if train else OrderOption.SEQUENTIAL,
+            distributed=distributed,
+            seed=hp.seed,
+            drop_last=hp.drop_last if train else False,
+            batches_ahead=hp.batches_ahead,
+            pipelines={"image": image, "label": label},
+        )
+
+    def train_dataloader(self):
+        return self.make_loader("train")
+
+    def val_dataloader(self):
+        return self.make_loader("val")
+
+    def test_dataloader(self):
+        return self.make_loader("test")
+
+    def predict_dataloader(self):
+        return self.make_loader("predict")
+
+    # ------------------------------------------------------------------ on the device
+    def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``uint8 [N, 3, H, W]`` -> normalised ``dtype``, on the images' device and memory format."""
+        mean = self._mean.to(images.device, dtype).view(1, -1, 1, 1)
+        std = self._std.to(images.device, dtype).view(1, -1, 1, 1)
+        return (images.to(dtype) - mean) / std
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, *rest = batch
+        if images.dtype == torch.uint8:
+            dtype = precision_dtype(self.trainer.precision) if self._trainer_attached() else torch.float32
+            images = self.normalize(images, dtype)
+        # FFCV reuses its output buffers for later batches: labels kept past this step must be copies.
+        return [images, *(t.clone() if torch.is_tensor(t) else t for t in rest)]
+
