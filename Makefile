@@ -1,23 +1,35 @@
-# mrl-vision: set-up, tests, demo and benchmarks. Every target installs what it needs into .venv.
+# mrl-vision: set-up, tests, demo and benchmarks. Every target installs what it needs into .venv,
+# system packages included (FFCV builds against libturbojpeg and OpenCV).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+MRL := $(VENV)/bin/mrl-vision
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(PY) -m pytest -p no:cacheprovider
+SYSTEM_PKGS := libturbojpeg0-dev libopencv-dev pkg-config
+QS := data/quickstart
 
-.PHONY: install test test-fast test-slow demo bench clean
+.PHONY: install system-deps test test-fast test-slow demo demo-torchvision bench clean
 
-# Create the virtual environment and install the package with its test extras. torch comes from
-# setup.cfg's requirement (on these machines pip takes torch 2.14.1 / torchvision 0.29.1 from disk).
+# FFCV's build needs these; installed with apt-get when missing (as root, or say what to run).
+system-deps:
+	@if command -v pkg-config >/dev/null && pkg-config --exists libturbojpeg opencv4; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PKGS) >/dev/null; \
+	else echo "FFCV needs system packages: sudo apt-get install $(SYSTEM_PKGS)"; exit 1; fi
+
+# The virtual environment with the package, FFCV and the test extras. torch comes from setup.cfg's
+# requirement (on these machines pip takes torch 2.14.1 / torchvision 0.29.1 from local disk).
 $(STAMP): setup.cfg pyproject.toml
+	$(MAKE) system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,ffcv]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
-# Everything: unit, CLI, slow (multi-process, notebooks) tests. What the README and CI run.
+# Everything: unit, CLI, FFCV, slow (multi-process, notebooks) tests. What the README and CI run.
 test: $(STAMP)
 	$(PYTEST) -q --durations=10
 
@@ -28,15 +40,26 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PYTEST) -q -m slow
 
-# Train MRL on the quickstart digits (CPU, about 2 minutes), then print the per-size test table.
-demo: $(STAMP)
+$(QS)/%.beton: | $(STAMP)
+	$(MRL) prepare quickstart $@ --split $*
+
+# Train MRL on the quickstart digits through FFCV (CPU, about 3 minutes), then print the per-size test table.
+demo: $(STAMP) $(QS)/train.beton $(QS)/val.beton $(QS)/test.beton
+	rm -rf runs/quickstart_ffcv/demo runs/quickstart_ffcv/demo-test
+	$(MRL) fit --config configs/quickstart_ffcv.yaml --trainer.logger.init_args.version demo --trainer.enable_progress_bar false
+	$(MRL) test --config configs/quickstart_ffcv.yaml --trainer.logger.init_args.version demo-test --trainer.enable_progress_bar false \
+		--ckpt_path runs/quickstart_ffcv/demo/checkpoints/last.ckpt
+
+# The same without FFCV: the in-memory quickstart data module (torchvision transforms).
+demo-torchvision: $(STAMP)
 	rm -rf runs/quickstart/demo runs/quickstart/demo-test
-	$(VENV)/bin/mrl-vision fit --trainer.logger.init_args.version demo --trainer.enable_progress_bar false
-	$(VENV)/bin/mrl-vision test --trainer.logger.init_args.version demo-test --trainer.enable_progress_bar false \
+	$(MRL) fit --trainer.logger.init_args.version demo --trainer.enable_progress_bar false
+	$(MRL) test --trainer.logger.init_args.version demo-test --trainer.enable_progress_bar false \
 		--ckpt_path runs/quickstart/demo/checkpoints/last.ckpt
 
 bench: $(STAMP)
 	$(PY) benchmarks/head_overhead.py
+	$(PY) benchmarks/loader_throughput.py
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

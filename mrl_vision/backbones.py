@@ -30,6 +30,19 @@ def check_model_name(name: str) -> None:
     raise ValueError(f"unknown timm model {name!r}.{hint}")
 
 
+AA_LAYERS = ("blurpool", "avgpool")
+
+
+def anti_aliasing_layer(name: str) -> type[nn.Module]:
+    """timm's anti-aliasing layer class for ``aa_layer: blurpool`` (the FFCV recipe's BlurPool) or ``avgpool``."""
+    from timm.layers import BlurPool2d
+
+    layers = {"blurpool": BlurPool2d, "avgpool": nn.AvgPool2d}
+    if name not in layers:
+        raise ValueError(f"unknown aa_layer {name!r}; choose one of {AA_LAYERS}")
+    return layers[name]
+
+
 def create_backbone(
     name: str,
     pretrained: bool = False,
@@ -45,7 +58,8 @@ def create_backbone(
             ``pretrained_file`` points at the weights on disk or ``HF_HUB_OFFLINE=1`` is set
             and they are in the local cache.
         pretrained_file: a local ``.safetensors``/``.pth`` file of timm weights for ``name``.
-        kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ``in_chans``...).
+        kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ``in_chans``...);
+            ``aa_layer: blurpool`` gives timm ResNets BlurPool anti-aliasing, as in the FFCV recipe.
 
     Returns ``(model, width)``: ``model(x)`` gives pooled features ``[N, width]``.
 
@@ -54,6 +68,8 @@ def create_backbone(
         backbone, width = create_backbone("resnet50")  # width == 2048
     """
     check_model_name(name)
+    if isinstance(kwargs.get("aa_layer"), str):  # YAML can name timm's anti-aliasing layer
+        kwargs["aa_layer"] = anti_aliasing_layer(kwargs["aa_layer"])
     if pretrained_file is not None:
         if not os.path.isfile(pretrained_file):
             raise FileNotFoundError(f"pretrained_file {pretrained_file!r} does not exist")

@@ -230,7 +230,7 @@ def test_model_configs_instantiate(name, run_dir):
     assert c.model.num_classes == 10
 
 
-@pytest.mark.parametrize("rel", ["data/imagefolder.yaml", "imagenet_resnet50_mrl.yaml"])
+@pytest.mark.parametrize("rel", ["data/imagefolder.yaml", "imagenet/resnet_imagefolder.yaml"])
 def test_imagefolder_configs_instantiate(rel, run_dir, jpeg_tree):
     """An ImageFolder config does not build on an existing tree or link its class count to the model."""
     args = ["--config", Q, "--config", str(CONFIG_DIR / rel), "--data.init_args.root", str(jpeg_tree)]
