@@ -14,7 +14,9 @@ float32) at the same crop size, batch size and number of workers, over the same 
 Each loader first runs warm-up epochs (FFCV's JIT compilation, worker start-up), then the timed
 epochs, interleaved by epoch in an order rotated every round so machine noise hits them alike.
 The figure is images per second, the median over the timed epochs; the ratios are data module /
-raw Loader and data module / torchvision.
+raw Loader and data module / torchvision. A fourth row, the raw Loader handing over its ``uint8``
+batches without the normalisation, shows how much of the FFCV time is the CPU normalisation (on a
+GPU it runs on the device).
 
 Without ``--source`` the images are generated from real photographs: the sample photos that ship
 with scikit-image (no download), one class per photo, many seeded random crops per photo saved as
@@ -23,7 +25,8 @@ JPEG (quality 90); 256-500 px on the longer side for crop sizes >= 128 px, 36-40
 ImageNet recipe, at most 500 px) for large crops, ``raw`` for small ones.
 
     python benchmarks/loader_throughput.py                          # 32 px and 224 px (about 5 minutes on 2 cores)
-    python benchmarks/loader_throughput.py --quick                  # a smoke run (well under a minute)
+    python benchmarks/loader_throughput.py --quick                  # a smoke run at 32 px (about 30 s)
+    python benchmarks/loader_throughput.py --quick --sizes 32 224   # both settings, tiny (about a minute)
     python benchmarks/loader_throughput.py --source DIR --sizes 224 # your own DIR/<class>/*.jpg
     python benchmarks/loader_throughput.py --make-source DIR --sizes 224 --images 3000  # only write the photos
 
@@ -160,7 +163,7 @@ def ffcv_module_epochs(path: str, crop: int, batch: int, workers: int, seed: int
 
     def epoch() -> int:
         n = 0
-        for i, batch_ in enumerate(loader):
+        for batch_ in loader:
             images, _labels = dm.on_after_batch_transfer(batch_, 0)
             n += images.shape[0]
         return n
@@ -168,13 +171,23 @@ def ffcv_module_epochs(path: str, crop: int, batch: int, workers: int, seed: int
     return epoch
 
 
-def ffcv_raw_epochs(path: str, crop: int, batch: int, workers: int, seed: int):
+def ffcv_raw_epochs(path: str, crop: int, batch: int, workers: int, seed: int, normalize: bool = True):
+    """A hand-built ffcv Loader with the data module's CPU pipeline (normalised by FFCV's JIT
+    ``NormalizeImage`` in the loader threads), or with ``normalize=False`` its uint8 output."""
     from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
+    from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
     from mrl_vision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+    # every JIT op first, then the torch ones (alternating them hangs FFCV on the CPU)
+    image = [
+        RandomResizedCropRGBImageDecoder((crop, crop), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+        RandomHorizontalFlip(),
+    ]
+    if normalize:
+        image.append(NormalizeImage(np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255, np.float32))
+    image += [ToTensor(), ToTorchImage(channels_last=True)]
     loader = Loader(
         path,
         batch_size=batch,
@@ -184,25 +197,13 @@ def ffcv_raw_epochs(path: str, crop: int, batch: int, workers: int, seed: int):
         seed=seed,
         drop_last=True,
         batches_ahead=3,
-        pipelines={
-            # every JIT op first, then the torch ones (alternating them hangs FFCV on the CPU)
-            "image": [
-                RandomResizedCropRGBImageDecoder((crop, crop), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-                RandomHorizontalFlip(),
-                ToTensor(),
-                ToTorchImage(channels_last=True),
-            ],
-            "label": [IntDecoder(), ToTensor(), Squeeze()],
-        },
+        pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]},
     )
-    mean = (torch.tensor(IMAGENET_MEAN) * 255).view(1, -1, 1, 1)
-    std = (torch.tensor(IMAGENET_STD) * 255).view(1, -1, 1, 1)
 
     def epoch() -> int:
         n = 0
         for images, labels in loader:
-            images = (images.to(torch.float32) - mean) / std
-            labels = labels.clone()
+            labels = labels.clone()  # as the data module does
             n += images.shape[0]
         return n
 
@@ -238,6 +239,7 @@ LOADERS = {
     "FFCV data module": ffcv_module_epochs,
     "raw ffcv Loader": ffcv_raw_epochs,
     "torchvision": torchvision_epochs,
+    "raw Loader, uint8 out": lambda *a: ffcv_raw_epochs(*a, normalize=False),
 }
 
 
@@ -250,7 +252,7 @@ def measure(source: Path, beton: str, crop: int, batch: int, workers: int, warmu
     warm: dict[str, list[float]] = {n: [] for n in names}
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(warmup + epochs):
-        for name in names[r % 3 :] + names[: r % 3]:  # rotate: no loader always runs first
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no loader always runs first
             t0 = time.perf_counter()
             n = runs[name]()
             dt = time.perf_counter() - t0
@@ -264,11 +266,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", type=Path, help="an image folder tree DIR/<class>/*.jpg (default: generated photos)")
     ap.add_argument("--make-source", type=Path, metavar="DIR", help="only write the generated photos for the first of --sizes to DIR")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 224], help="training crop sizes (default: 32 224)")
+    ap.add_argument("--sizes", type=int, nargs="+", help="training crop sizes (default: 32 224; 32 with --quick)")
     ap.add_argument("--images", type=int, help="generated images per size (default: 16000 at < 128 px, 2400 above)")
     ap.add_argument("--batch", type=int, help="batch size (default: 256 at < 128 px, 64 above)")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="FFCV threads / DataLoader workers (default: cpu count)")
-    ap.add_argument("--epochs", type=int, default=3, help="timed epochs per loader (default: 3)")
+    ap.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (default: 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed epochs per loader first (default: 1)")
     ap.add_argument("--write-mode", choices=["raw", "jpg", "proportion", "smart"], help="beton image storage (default: proportion at >= 128 px, raw below)")
     ap.add_argument("--workdir", type=Path, help="keep the generated photos and .beton files here (default: a temporary folder)")
@@ -277,6 +279,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.epochs = 1
+    if args.sizes is None:
+        args.sizes = [32] if args.quick else [32, 224]
 
     def images_for(crop: int) -> int:
         if args.images:
@@ -293,15 +297,16 @@ def main() -> None:
     from mrl_vision.data.beton import require_ffcv, write_beton
 
     require_ffcv()
-    import ffcv
+    import importlib.metadata
+
     import torchvision
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loader_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     cpu = platform.processor() or platform.machine()
     print(
-        f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"torchvision {torchvision.__version__}, ffcv {ffcv.__version__}, no GPU used (CPU pipeline)"
+        f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"ffcv {importlib.metadata.version('ffcv')}, CPU only (no GPU used)"
     )
     print(f"workers {args.workers}, warm-up epochs {args.warmup}, timed epochs {args.epochs} (median reported), "
           f"loaders interleaved by epoch; workdir {workdir}{'' if args.workdir else ' (temporary)'}")
@@ -328,9 +333,9 @@ def main() -> None:
                   + f", max_resolution={max_res}, {info['file_size'] / 2**20:.1f} MiB, written in {time.time() - t0:.1f} s")
             rates, warm = measure(source, str(beton), crop, batch, args.workers, args.warmup, args.epochs, args.seed)
             med = {n: statistics.median(r) for n, r in rates.items()}
-            print(f"{'loader':<18}{'img/s':>9}{'min':>9}{'max':>9}{'warm-up s':>11}{'x raw Loader':>14}{'x torchvision':>15}")
+            print(f"{'loader':<24}{'img/s':>9}{'min':>9}{'max':>9}{'warm-up s':>11}{'x raw Loader':>14}{'x torchvision':>15}")
             for n in LOADERS:
-                print(f"{n:<18}{med[n]:>9.0f}{min(rates[n]):>9.0f}{max(rates[n]):>9.0f}{sum(warm[n]):>11.1f}"
+                print(f"{n:<24}{med[n]:>9.0f}{min(rates[n]):>9.0f}{max(rates[n]):>9.0f}{sum(warm[n]):>11.1f}"
                       f"{med[n] / med['raw ffcv Loader']:>14.3f}{med[n] / med['torchvision']:>15.2f}")
             results.append((crop, batch, med))
     finally:

@@ -17,7 +17,9 @@ class PredictionWriter(BasePredictionWriter):
     """Write ``mrl-vision predict`` results to ``predictions.csv`` in the run's log directory.
 
     One row per image: its index in the predict set, its label when the data has one, then the
-    predicted class and max-softmax confidence at every nesting size. Under DDP each rank
+    predicted class and max-softmax confidence at every nesting size (``pred@8``, ``conf@8``, ...),
+    or with ``adaptive_predict`` the cascade's class and deciding size (``adaptive_pred``,
+    ``adaptive_dims``). Under DDP each rank
     writes ``predictions.rank{R}.csv`` for its shard.
 
     Example (CLI)::
@@ -36,18 +38,27 @@ class PredictionWriter(BasePredictionWriter):
         outputs = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
         if not outputs:
             return
-        preds = torch.cat([o["preds"] for o in outputs]).cpu()
-        conf = torch.cat([o["confidence"] for o in outputs]).cpu()
-        target = torch.cat([o["target"] for o in outputs]).cpu() if "target" in outputs[0] else None
-        indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
-        flat = [i for batch in indices for i in batch] if indices and indices[0] is not None else list(range(len(preds)))
+        cols: dict[str, torch.Tensor] = {}
         nesting = list(pl_module.nesting)
-        header = ["index"] + (["target"] if target is not None else [])
-        header += [f"pred@{m}" for m in nesting] + [f"conf@{m}" for m in nesting]
-        lines = [",".join(header)]
-        for r in range(len(preds)):
-            row = [str(flat[r])] + ([str(int(target[r]))] if target is not None else [])
-            row += [str(int(p)) for p in preds[r]] + [f"{float(c):.4f}" for c in conf[r]]
+        if "target" in outputs[0]:
+            cols["target"] = torch.cat([o["target"] for o in outputs]).cpu()
+        if "preds" in outputs[0]:
+            preds = torch.cat([o["preds"] for o in outputs]).cpu()
+            conf = torch.cat([o["confidence"] for o in outputs]).cpu()
+            cols.update({f"pred@{m}": preds[:, g] for g, m in enumerate(nesting)})
+            cols.update({f"conf@{m}": conf[:, g] for g, m in enumerate(nesting)})
+        for key in ("adaptive_pred", "adaptive_dims"):
+            if key in outputs[0]:
+                cols[key] = torch.cat([o[key] for o in outputs]).cpu()
+        n = len(next(iter(cols.values())))
+        indices = batch_indices[0] if batch_indices and isinstance(batch_indices[0], list) else batch_indices
+        flat = [i for batch in indices if batch is not None for i in batch] if indices else []
+        if len(flat) != n:  # loaders without a sampler (FFCV) report no indices: use the order
+            flat = list(range(n))
+        lines = [",".join(["index", *cols])]
+        for r in range(n):
+            row = [str(flat[r])]
+            row += [f"{float(v[r]):.4f}" if v.is_floating_point() else str(int(v[r])) for v in cols.values()]
             lines.append(",".join(row))
         name = self.filename
         if trainer.world_size > 1:
@@ -56,7 +67,7 @@ class PredictionWriter(BasePredictionWriter):
         out_dir = self.output_dir or trainer.log_dir or trainer.default_root_dir
         self.path = Path(out_dir) / name
         atomic_write_text(self.path, "\n".join(lines) + "\n")
-        print(f"wrote {len(preds)} predictions to {self.path}")
+        print(f"wrote {n} predictions to {self.path}")
 
 
 def progressive_resolution(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
@@ -76,7 +87,8 @@ class ProgressiveResizing(L.Callback):
     between epochs 29 and 34 of 40).
 
     Works with any data module that has ``set_train_resolution(size)`` (``FFCVDataModule``
-    changes its decoder's output size, effective from the next epoch's first batch).
+    changes its decoder's output size, effective from the next epoch's first batch), also when a
+    run resumes from a checkpoint mid-schedule.
 
     Example (YAML)::
 
@@ -106,6 +118,200 @@ class ProgressiveResizing(L.Callback):
             )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # FFCVDataModule's training loader starts decoding an epoch at its first batch, which comes
+        # after this hook (also for the first epoch of a resumed run, once the epoch is restored).
         res = self.resolution(trainer.current_epoch)
         trainer.datamodule.set_train_resolution(res)
         pl_module.log("train/resolution", float(res), on_step=False, on_epoch=True)
+
+
+def _eval_set_size(trainer: L.Trainer, stage: str) -> int | None:
+    """Number of samples in the evaluated set (not one rank's shard), when the loader tells."""
+    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    indices = getattr(loader, "indices", None)  # an FFCV Loader
+    return len(indices) if indices is not None else None
+
+
+def gather_eval_rows(trainer: L.Trainer, pl_module: L.LightningModule, rows: torch.Tensor, stage: str) -> torch.Tensor:
+    """All ranks' per-sample rows ``[N_local, F]`` as the whole evaluation set ``[N, F]``, in
+    dataset order.
+
+    Each rank evaluates a strided shard (DistributedSampler and FFCV's distributed order give
+    rank r the samples r, r + W, r + 2W, ...), padded with repeated samples so that all shards are
+    equally long; interleaving the gathered shards restores the order and cutting at the set's
+    size drops the padding, so the rows equal those of a single-process run.
+    """
+    if trainer.world_size == 1:
+        return rows
+    gathered = pl_module.all_gather(rows)  # [W, N_local, F] (equal shards)
+    world, n_local, f = gathered.shape
+    ordered = gathered.transpose(0, 1).reshape(world * n_local, f)
+    size = _eval_set_size(trainer, stage)
+    return ordered[:size] if size is not None else ordered
+
+
+class AdaptiveClassificationCallback(L.Callback):
+    """Fit and evaluate the confidence cascade at the end of validation and test.
+
+    Validation: the evaluated set (gathered across DDP ranks) is split, seeded, into a calibration
+    part (``calibration_fraction``) on which thresholds are fitted with ``method`` and the rest on
+    which they are evaluated. Test: the thresholds fitted on validation (in this run, or restored
+    from the checkpoint) are evaluated on the whole test set; without any, the test set is split
+    as in validation. Logs ``adaptive/top1``, ``adaptive/expected_dims`` and
+    ``adaptive/expected_head_cost``; rank 0 writes ``adaptive_{stage}_curve.csv`` and ``.png``
+    (cascade trade-off beside the fixed sizes) into the log directory. The thresholds are stored
+    in the model's ``adaptive_thresholds`` buffer, hence in every checkpoint.
+
+    Args:
+        method: ``tolerance`` (the cheapest cascade within ``tolerance`` of the largest size's
+            accuracy), ``budget`` (the most accurate within ``budget`` expected dims) or
+            ``pairwise`` (the reference's per-pair search).
+        tolerance: accuracy drop allowed, as a fraction (0.005 = half a point).
+        budget: expected dimensions, for ``method="budget"``.
+        calibration_fraction / seed: the calibration split.
+        write_curve: write the trade-off CSV and PNG.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: mrl_vision.callbacks.AdaptiveClassificationCallback
+              init_args: {method: tolerance, tolerance: 0.005}
+    """
+
+    def __init__(
+        self,
+        method: str = "tolerance",
+        tolerance: float = 0.005,
+        budget: float | None = None,
+        calibration_fraction: float = 0.5,
+        seed: int = 0,
+        write_curve: bool = True,
+    ) -> None:
+        from .adaptive import METHODS
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        if method == "budget" and budget is None:
+            raise ValueError("method='budget' needs budget (expected dimensions)")
+        if not 0.0 < calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        self.method, self.tolerance, self.budget = method, tolerance, budget
+        self.calibration_fraction, self.seed, self.write_curve = calibration_fraction, seed, write_curve
+        self.thresholds: list[float] | None = None
+        self.result: dict | None = None
+        self._rows: list[torch.Tensor] = []
+
+    # -- collecting
+    def _start(self, *args: Any) -> None:
+        self._rows = []
+
+    on_validation_epoch_start = on_test_epoch_start = _start
+
+    def _collect(self, trainer: L.Trainer, outputs: Any) -> None:
+        from .adaptive import confidences
+
+        if trainer.sanity_checking or not isinstance(outputs, dict) or "logits" not in outputs:
+            return
+        conf, preds = confidences(outputs["logits"])
+        # One row per sample: G confidences, G predictions, the label (float64 holds them exactly).
+        self._rows.append(torch.cat([conf.T.double(), preds.T.double(), outputs["target"].double()[:, None]], 1))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs)
+
+    # -- fitting
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from . import adaptive as A
+
+        if trainer.sanity_checking or not self._rows:
+            return
+        g = len(pl_module.nesting)
+        if g < 2:
+            return
+        rows = gather_eval_rows(trainer, pl_module, torch.cat(self._rows), stage).cpu()
+        self._rows = []
+        conf, preds, labels = rows[:, :g].T.float(), rows[:, g : 2 * g].T.long(), rows[:, 2 * g].long()
+        nesting = list(pl_module.nesting)
+        fitted = pl_module.adaptive_thresholds.detach().cpu()
+        cal_idx, rest_idx = A.calibration_split(labels.numel(), self.calibration_fraction, self.seed)
+        if stage == "test" and not bool(torch.isnan(fitted).any()):
+            thr, eval_idx = fitted, torch.arange(labels.numel())  # fitted on validation
+        else:
+            eval_idx = rest_idx
+            thr = A.fit_thresholds(
+                conf[:, cal_idx], preds[:, cal_idx], labels[cal_idx], nesting,
+                method=self.method, tolerance=self.tolerance, budget=self.budget,
+            )
+            pl_module.adaptive_thresholds.copy_(thr.to(pl_module.adaptive_thresholds.device))
+        res = A.evaluate_cascade(conf[:, eval_idx], preds[:, eval_idx], labels[eval_idx], nesting, thr)
+        self.thresholds, self.result = res.thresholds, res.as_dict()
+        pl_module.log_dict(
+            {
+                "adaptive/top1": res.accuracy,
+                "adaptive/expected_dims": res.expected_dims,
+                "adaptive/expected_head_cost": res.expected_head_cost,
+            }
+        )
+        if self.write_curve and trainer.is_global_zero:
+            curve = A.tradeoff_curve(
+                conf[:, cal_idx], preds[:, cal_idx], labels[cal_idx],
+                conf[:, rest_idx], preds[:, rest_idx], labels[rest_idx], nesting,
+            )
+            out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            write_adaptive_curve(curve, res, out_dir, stage)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"thresholds": self.thresholds, "result": self.result, "method": self.method}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.thresholds, self.result = state_dict.get("thresholds"), state_dict.get("result")
+
+
+def write_adaptive_curve(curve: list[dict], result: Any, out_dir: Path, stage: str) -> tuple[Path, Path]:
+    """``adaptive_{stage}_curve.csv`` (kind, expected_dims, accuracy %, thresholds) and a PNG of the
+    cascade's accuracy against expected dims beside the fixed sizes, with the chosen cascade marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .files import atomic_path
+
+    csv_path, png_path = out_dir / f"adaptive_{stage}_curve.csv", out_dir / f"adaptive_{stage}_curve.png"
+    lines = ["kind,expected_dims,top1,thresholds"]
+    for r in curve:
+        lines.append(f"{r['kind']},{r['expected_dims']:.4f},{100 * r['accuracy']:.4f},{' '.join(f'{t:.6g}' for t in r['thresholds'])}")
+    atomic_write_text(csv_path, "\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for kind, style in (("fixed", "s-"), ("cascade", "o-")):
+        pts = [r for r in curve if r["kind"] == kind]
+        ax.plot([r["expected_dims"] for r in pts], [100 * r["accuracy"] for r in pts], style,
+                label="fixed size" if kind == "fixed" else "adaptive cascade", markersize=4)
+    ax.plot([result.expected_dims], [100 * result.accuracy], "r*", markersize=12, label="chosen cascade")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("expected embedding dimensions")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"adaptive classification ({stage})")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return csv_path, png_path

@@ -57,3 +57,40 @@ def write_jpeg_tree(
 def jpeg_tree(tmp_path: Path) -> Path:
     """A tiny ImageFolder tree of real JPEGs: 3 classes, 4 train and 2 val images each."""
     return write_jpeg_tree(tmp_path / "images")
+
+
+# Constant-colour JPEGs whose class and index can be read back from their pixels: the class's own
+# channel (red, green or blue) at COLOUR_HIGH, the other two at COLOUR_LOW + COLOUR_STEP * i for the
+# i-th image of the class. Folder names sort to blue, green, red, so labels differ from channels.
+COLOUR_CLASSES = ("red", "green", "blue")
+COLOUR_HIGH, COLOUR_LOW, COLOUR_STEP = 230, 16, 24
+COLOUR_TRAIN_PER_CLASS = 5
+COLOUR_VAL_PER_CLASS = 2
+
+
+def colour_of(name: str, i: int) -> tuple[int, int, int]:
+    """The RGB colour of image ``i`` of class ``name`` in a colour tree."""
+    rgb = [COLOUR_LOW + COLOUR_STEP * i] * 3
+    rgb[COLOUR_CLASSES.index(name)] = COLOUR_HIGH
+    return tuple(rgb)
+
+
+def write_colour_jpeg_tree(
+    root: Path,
+    train_per_class: int = COLOUR_TRAIN_PER_CLASS,
+    val_per_class: int = COLOUR_VAL_PER_CLASS,
+    seed: int = 0,
+) -> Path:
+    """Write ``root/{train,val}/<colour>/*.jpg``: real JPEGs of one constant colour each, odd sizes."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in COLOUR_CLASSES:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = int(rng.integers(36, 60)), int(rng.integers(36, 60))
+                pixels = np.empty((h, w, 3), dtype=np.uint8)
+                pixels[:] = colour_of(c, i)
+                Image.fromarray(pixels).save(folder / f"{c}_{i}.jpg", format="JPEG", quality=95)
+    return root
+

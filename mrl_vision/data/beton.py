@@ -55,16 +55,27 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.samples)
 
+    error_log: str | None = None  # set by write_beton: where workers record unreadable images
+
     def __getitem__(self, i: int):
         from PIL import Image
 
         path, label = self.samples[i]
-        with Image.open(path) as img:
-            return img.convert("RGB"), label
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB"), label
+        except Exception as e:  # noqa: BLE001 - a dead FFCV writer process would hang the parent
+            if self.error_log is None:
+                raise
+            with open(self.error_log, "a") as log:  # one short line: an atomic append
+                log.write(f"{path}: {type(e).__name__}: {e}\n")
+            return Image.new("RGB", (8, 8)), label  # placeholder; write_beton then fails
 
 
 class QuickstartSource:
     """One split of the built-in quickstart digits as (uint8 [28, 28, 3] array, label) pairs."""
+
+    error_log: str | None = None  # the digits are in memory: nothing to fail
 
     def __init__(self, split: str, seed: int = 0, limit: int | None = None) -> None:
         from .quickstart import load_mnist_digits, stratified_split
@@ -169,8 +180,17 @@ def write_beton(
     }
     start = time.time()
     with atomic_path(output) as tmp:
-        writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
-        writer.from_indexed_dataset(dataset, chunksize=chunksize)  # shows a progress bar
+        error_log = Path(str(tmp) + ".errors")
+        dataset.error_log = str(error_log)
+        try:
+            writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
+            writer.from_indexed_dataset(dataset, chunksize=chunksize)  # shows a progress bar
+            bad = error_log.read_text().splitlines() if error_log.exists() else []
+        finally:
+            error_log.unlink(missing_ok=True)
+        if bad:
+            more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+            raise ValueError(f"{len(bad)} source image(s) cannot be read, nothing written: " + "; ".join(bad[:3]) + more)
         info = {
             "format": SIDECAR_FORMAT,
             "version": 1,

@@ -5,19 +5,23 @@ module checks them against their sidecars when built, and creates one FFCV ``Loa
 inside the ``*_dataloader()`` hooks (so under DDP the process group exists and each rank reads
 its own shard with ``distributed=True``).
 
-Pipelines: images are decoded, cropped and flipped on the CPU by FFCV's JIT-compiled operations,
-handed over as ``uint8`` NCHW (channels-last strides) and normalised in torch after the batch
-reaches the device, in the Trainer's precision. All JIT operations come before the torch ones: on
-the CPU, alternating them makes FFCV's pipeline grouping loop forever. On a GPU the ``uint8`` batch
-is copied non-blocking by FFCV's ``ToDevice`` and normalised there (no cupy needed).
+Pipelines: images are decoded, cropped and flipped on the CPU by FFCV's JIT-compiled operations.
+On a GPU the ``uint8`` NCHW batch (channels-last strides) is copied non-blocking by FFCV's
+``ToDevice`` and normalised in torch on the device, in the Trainer's precision (no cupy needed).
+On the CPU FFCV's JIT ``NormalizeImage`` normalises to float32 in the loader threads, into buffers
+FFCV reuses. All JIT operations come before the torch ones: on the CPU, alternating them makes
+FFCV's pipeline grouping loop forever.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, Sequence
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from .beton import check_beton, require_ffcv
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -49,7 +53,7 @@ class FFCVDataModule(L.LightningDataModule):
             of the short side, resized to ``eval_image_size`` (the reference: 256 px, 224/256).
         batch_size: per device (the global batch is ``batch_size x devices x num_nodes``);
             ``eval_batch_size`` defaults to it.
-        num_workers: FFCV decoding threads per process.
+        num_workers: FFCV decoding threads per process (capped at the available cores).
         os_cache: let the OS page cache hold the file (best when it fits in RAM); otherwise FFCV's
             own process cache reads pages on demand.
         batches_ahead: batches prepared ahead of the training step.
@@ -101,7 +105,7 @@ class FFCVDataModule(L.LightningDataModule):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if order == "quasi_random" and distributed:
             raise ValueError("order='quasi_random' does not work with distributed=True; use order='random'")
-        for name, value in (("batch_size", batch_size), ("image_size", image_size), ("eval_image_size", eval_image_size)):
+        for name, value in (("batch_size", batch_size), ("image_size", image_size), ("eval_image_size", eval_image_size), ("num_workers", num_workers)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 < eval_crop_ratio <= 1.0:
@@ -120,6 +124,7 @@ class FFCVDataModule(L.LightningDataModule):
             raise ValueError(f"the FFCV files disagree on their classes: {sorted(given.values())}")
         self.classes = list(next(iter(classes)))
         self.image_size = image_size
+        self._warned_workers = False
         self._decoders: list[Any] = []  # training RandomResizedCrop decoders (resized between epochs)
         self._mean = torch.tensor(mean) * 255
         self._std = torch.tensor(std) * 255
@@ -150,11 +155,20 @@ class FFCVDataModule(L.LightningDataModule):
             return self.hparams.distributed
         return self._trainer_attached() and self.trainer.world_size > 1
 
+    def workers(self) -> int:
+        """``num_workers``, capped at the cores this process may use (FFCV's numba threads fail
+        beyond them), so one config serves a 2-core laptop and a 96-core server."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if self.hparams.num_workers > cores and not self._warned_workers:
+            rank_zero_info(f"FFCVDataModule: num_workers={self.hparams.num_workers} capped at the {cores} available cores")
+            self._warned_workers = True
+        return max(1, min(self.hparams.num_workers, cores))
+
     def make_loader(self, split: str):
         """The FFCV ``Loader`` of ``split`` (``train``, ``val``, ``test`` or ``predict``)."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         hp = self.hparams
         path = self.paths[split]
@@ -173,9 +187,13 @@ class FFCVDataModule(L.LightningDataModule):
         else:
             image = [CenterCropRGBImageDecoder((hp.eval_image_size, hp.eval_image_size), ratio=hp.eval_crop_ratio)]
         label = [IntDecoder(), ToTensor(), Squeeze()]
-        image.append(ToTensor())  # every JIT op above, every torch op below
         device = self._device()
-        if device.type == "cuda":
+        if device.type != "cuda":
+            # On the CPU, normalise in FFCV's JIT op: it runs in the loader threads, ahead of the
+            # step, into buffers FFCV reuses (a torch op per batch would allocate fresh memory).
+            image.append(NormalizeImage(self._mean.numpy(), self._std.numpy(), np.float32))
+        image.append(ToTensor())  # every JIT op above, every torch op below
+        if device.type == "cuda":  # uint8 crosses the bus; normalised on the GPU
             image.append(ToDevice(device, non_blocking=True))
             label.append(ToDevice(device, non_blocking=True))
         image.append(ToTorchImage(channels_last=True))
@@ -183,7 +201,7 @@ class FFCVDataModule(L.LightningDataModule):
         return Loader(
             str(path),
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            num_workers=hp.num_workers,
+            num_workers=self.workers(),
             os_cache=hp.os_cache,
             order=order if train else OrderOption.SEQUENTIAL,
             distributed=distributed,
@@ -193,8 +211,8 @@ class FFCVDataModule(L.LightningDataModule):
             pipelines={"image": image, "label": label},
         )
 
-    def train_dataloader(self):
-        return self.make_loader("train")
+    def train_dataloader(self) -> "LazyEpochs":
+        return LazyEpochs(self.make_loader("train"))
 
     def val_dataloader(self):
         return self.make_loader("val")
@@ -220,3 +238,22 @@ class FFCVDataModule(L.LightningDataModule):
         # FFCV reuses its output buffers for later batches: labels kept past this step must be copies.
         return [images, *(t.clone() if torch.is_tensor(t) else t for t in rest)]
 
+
+class LazyEpochs:
+    """An FFCV training ``Loader`` whose epoch starts at its first batch, not at ``iter()``.
+
+    Lightning calls ``iter()`` on the training loader early (while estimating the number of steps,
+    before a resumed run's epoch is restored, and before ``on_train_epoch_start``); FFCV's
+    ``Loader`` would start decoding at that moment, with the resolution of that moment. Deferring
+    the start lets ``ProgressiveResizing`` set every epoch's size, the first one included. With a
+    length, Lightning does not prefetch a batch at ``iter()``.
+    """
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        yield from self.loader

