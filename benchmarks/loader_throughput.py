@@ -273,6 +273,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (default: 5)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed epochs per loader first (default: 1)")
     ap.add_argument("--write-mode", choices=["raw", "jpg", "proportion", "smart"], help="beton image storage (default: proportion at >= 128 px, raw below)")
+    ap.add_argument("--max-resolution", type=int, help="beton cap on the longer side (default: 500 at >= 128 px, none below)")
     ap.add_argument("--workdir", type=Path, help="keep the generated photos and .beton files here (default: a temporary folder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny sources, 1 timed epoch (a smoke run)")
@@ -315,7 +316,7 @@ def main() -> None:
         for crop in args.sizes:
             batch = args.batch or (256 if crop < 128 else 64)
             mode = args.write_mode or ("proportion" if crop >= 128 else "raw")
-            max_res = 500 if crop >= 128 else None
+            max_res = args.max_resolution or (500 if crop >= 128 else None)
             print(f"\n== {crop} px crops, batch {batch} ==")
             if args.source:
                 source = args.source
