@@ -125,33 +125,23 @@ class ProgressiveResizing(L.Callback):
         pl_module.log("train/resolution", float(res), on_step=False, on_epoch=True)
 
 
-def _eval_set_size(trainer: L.Trainer, stage: str) -> int | None:
-    """Number of samples in the evaluated set (not one rank's shard), when the loader tells."""
-    loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
-    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-    dataset = getattr(loader, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        return len(dataset)
-    indices = getattr(loader, "indices", None)  # an FFCV Loader
-    return len(indices) if indices is not None else None
-
-
-def gather_eval_rows(trainer: L.Trainer, pl_module: L.LightningModule, rows: torch.Tensor, stage: str) -> torch.Tensor:
+def gather_eval_rows(trainer: L.Trainer, pl_module: L.LightningModule, rows: torch.Tensor) -> torch.Tensor:
     """All ranks' per-sample rows ``[N_local, F]`` as the whole evaluation set ``[N, F]``, in
     dataset order.
 
-    Each rank evaluates a strided shard (DistributedSampler and FFCV's distributed order give
-    rank r the samples r, r + W, r + 2W, ...), padded with repeated samples so that all shards are
-    equally long; interleaving the gathered shards restores the order and cutting at the set's
-    size drops the padding, so the rows equal those of a single-process run.
+    Under DDP each rank evaluates the strided shard ``r, r + W, r + 2W, ...`` without repeats (the
+    data modules' evaluation samplers), so shards differ by at most one row. They are padded to
+    equal length for ``all_gather``, interleaved back into dataset order, and the padding (which
+    lands at the end) is cut off: the rows equal those of a single-process run.
     """
     if trainer.world_size == 1:
         return rows
-    gathered = pl_module.all_gather(rows)  # [W, N_local, F] (equal shards)
-    world, n_local, f = gathered.shape
-    ordered = gathered.transpose(0, 1).reshape(world * n_local, f)
-    size = _eval_set_size(trainer, stage)
-    return ordered[:size] if size is not None else ordered
+    sizes = pl_module.all_gather(torch.tensor(rows.shape[0], device=rows.device))  # [W]
+    longest, total = int(sizes.max()), int(sizes.sum())
+    padded = torch.cat([rows, rows.new_zeros(longest - rows.shape[0], rows.shape[1])])
+    gathered = pl_module.all_gather(padded)  # [W, longest, F]
+    world, _, f = gathered.shape
+    return gathered.transpose(0, 1).reshape(world * longest, f)[:total]
 
 
 class AdaptiveClassificationCallback(L.Callback):
@@ -238,7 +228,7 @@ class AdaptiveClassificationCallback(L.Callback):
         g = len(pl_module.nesting)
         if g < 2:
             return
-        rows = gather_eval_rows(trainer, pl_module, torch.cat(self._rows), stage).cpu()
+        rows = gather_eval_rows(trainer, pl_module, torch.cat(self._rows)).cpu()
         self._rows = []
         conf, preds, labels = rows[:, :g].T.float(), rows[:, g : 2 * g].T.long(), rows[:, 2 * g].long()
         nesting = list(pl_module.nesting)
@@ -262,12 +252,12 @@ class AdaptiveClassificationCallback(L.Callback):
                 "adaptive/expected_head_cost": res.expected_head_cost,
             }
         )
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective under DDP: every rank asks
         if self.write_curve and trainer.is_global_zero:
             curve = A.tradeoff_curve(
                 conf[:, cal_idx], preds[:, cal_idx], labels[cal_idx],
                 conf[:, rest_idx], preds[:, rest_idx], labels[rest_idx], nesting,
             )
-            out_dir = Path(trainer.log_dir or trainer.default_root_dir)
             write_adaptive_curve(curve, res, out_dir, stage)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -34,6 +34,18 @@ class MRLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
 
+    # Evaluation-time options: taken from this command, not from the checkpoint's hyperparameters
+    # (LightningCLI re-applies those over the command line when --ckpt_path is given).
+    EVAL_OPTIONS = ("adaptive_predict", "eval_flip_tta")
+
+    def _parse_ckpt_path(self) -> None:
+        sub = self.config.get("subcommand")
+        model = self.config[sub].get("model") if sub else None
+        keep = {k: model.get(k) for k in self.EVAL_OPTIONS if model is not None and model.get(k) is not None}
+        super()._parse_ckpt_path()
+        for key, value in keep.items():
+            self.config[sub].model[key] = value
+
     def before_predict(self) -> None:
         if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())

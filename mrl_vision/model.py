@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from .adaptive import cascade_predict
 from .backbones import create_backbone
 from .heads import FixedFeatureHead, MatryoshkaHead, default_nesting, validate_nesting
 from .losses import MatryoshkaLoss
@@ -67,6 +68,9 @@ class MatryoshkaClassifier(L.LightningModule):
             under mixed precision on GPUs).
         eval_flip_tta: horizontal-flip test-time augmentation in validation, test and predict:
             the logits of the image and of its mirror image are summed (the reference recipe).
+        adaptive_predict: ``predict`` runs the confidence cascade (:meth:`predict_adaptive`) with
+            the thresholds fitted by ``AdaptiveClassificationCallback`` (kept in the checkpoint)
+            and reports, per image, the class and the size that decided it.
         top_k: the k of the per-size top-k accuracies.
 
     Example::
@@ -96,6 +100,7 @@ class MatryoshkaClassifier(L.LightningModule):
         warmup_epochs: float = 0.0,
         channels_last: bool = False,
         eval_flip_tta: bool = False,
+        adaptive_predict: bool = False,
         top_k: list[int] = [1, 5],  # noqa: B006 (jsonargparse shows list defaults)
     ) -> None:
         super().__init__()
@@ -130,6 +135,9 @@ class MatryoshkaClassifier(L.LightningModule):
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.test_results: list[dict] = []
+        # Cascade thresholds [G-1], fitted by AdaptiveClassificationCallback; NaN until then.
+        # A buffer, so they are saved in and restored from checkpoints.
+        self.register_buffer("adaptive_thresholds", torch.full((max(0, len(self.nesting) - 1),), float("nan")))
 
     # ----------------------------------------------------------------- inference API
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +178,27 @@ class MatryoshkaClassifier(L.LightningModule):
         dim = self.nesting[-1] if dim is None else dim
         return self.head.logits_at(self.features(x), dim).argmax(-1)
 
+    def predict_adaptive(
+        self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classify with as few dimensions as each image needs: ``x -> (preds [N], exit_size [N])``.
+
+        The backbone runs once; size ``g`` is evaluated only for the images still undecided (max
+        softmax probability below ``thresholds[g]`` at every smaller size); the largest size always
+        answers. With MRL-E, each size's logits reuse the previous size's (only the new block of
+        the shared weight is multiplied). ``thresholds`` default to the fitted ones. With
+        ``eval_flip_tta`` the logits of the image and its mirror image are summed, as in evaluation.
+        """
+        g_count = len(self.nesting)
+        thr = self.adaptive_thresholds if thresholds is None else thresholds
+        if thresholds is None and g_count > 1 and bool(torch.isnan(self.adaptive_thresholds).any()):
+            raise ValueError(
+                "no adaptive thresholds: fit them with AdaptiveClassificationCallback during "
+                "validation or pass thresholds=[...] (one per size but the last)"
+            )
+        views = [x, x.flip(-1)] if self.hparams.eval_flip_tta else [x]
+        return cascade_predict(self.head, [self.features(v) for v in views], thr)
+
     # ----------------------------------------------------------------- training loop
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, (list, tuple)) and len(batch) >= 2 and torch.is_tensor(batch[1]):
@@ -177,31 +206,38 @@ class MatryoshkaClassifier(L.LightningModule):
                 check_labels(batch[1], self.num_classes)
         return batch
 
-    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: Any, stage: str) -> Any:
         x, y = batch[0], batch[1]
         logits = self(x) if stage == "train" else self.eval_logits(x)
         loss = self.criterion(logits, y)
         getattr(self, f"{stage}_acc").update(logits.detach(), y)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
                  prog_bar=stage == "train", batch_size=y.shape[0], sync_dist=stage != "train")
-        return loss
+        if stage == "train":
+            return loss
+        return {"loss": loss, "logits": logits.detach(), "target": y}  # for callbacks (the cascade)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        """Per-size predictions: ``preds`` and max-softmax ``confidence``, both ``[N, G]``,
-        plus ``target`` when the batch carries labels."""
+        """Per-size predictions: ``preds`` and max-softmax ``confidence``, both ``[N, G]``, or with
+        ``adaptive_predict`` the cascade's ``adaptive_pred`` and ``adaptive_dims`` (the size that
+        decided), both ``[N]``; plus ``target`` when the batch carries labels."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        probs = self.eval_logits(x).float().softmax(-1)  # [G, N, C]
-        conf, preds = probs.max(-1)
-        out = {"preds": preds.T.contiguous(), "confidence": conf.T.contiguous()}
+        if self.hparams.adaptive_predict:
+            preds, sizes = self.predict_adaptive(x)
+            out = {"adaptive_pred": preds, "adaptive_dims": sizes}
+        else:
+            probs = self.eval_logits(x).float().softmax(-1)  # [G, N, C]
+            conf, preds = probs.max(-1)
+            out = {"preds": preds.T.contiguous(), "confidence": conf.T.contiguous()}
         if isinstance(batch, (list, tuple)) and len(batch) >= 2:
             out["target"] = batch[1]
         return out
@@ -228,10 +264,10 @@ class MatryoshkaClassifier(L.LightningModule):
         values = self._log_accuracy("test")
         rows = accuracy_rows(values, prefix="test/")
         self.test_results = rows
+        out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero and rows:
             title = f"{self.hparams.backbone} {self.hparams.head} test accuracy"
             rank_zero_info("\n" + format_table(rows, title))
-            out_dir = self.trainer.log_dir or self.trainer.default_root_dir
             csv_path, png_path = write_accuracy_report(rows, out_dir, title=title)
             rank_zero_info(f"wrote {csv_path} and {png_path}")
 

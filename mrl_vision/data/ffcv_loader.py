@@ -198,8 +198,16 @@ class FFCVDataModule(L.LightningDataModule):
             label.append(ToDevice(device, non_blocking=True))
         image.append(ToTorchImage(channels_last=True))
         order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}.get(hp.order, OrderOption.SEQUENTIAL)
+        indices = None
+        if not train and distributed:
+            # FFCV's distributed sequential order pads shards with repeated samples; a strided
+            # subset per rank instead counts every sample once (rank r: r, r + W, r + 2W, ...).
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+            indices = np.arange(rank, self.info[path]["num_samples"], world)
+            distributed = False
         return Loader(
             str(path),
+            indices=indices,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
             num_workers=self.workers(),
             os_cache=hp.os_cache,

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
+from .sampler import eval_sampler
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 
@@ -129,10 +130,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         return FolderDataset(self._samples[path], self.train_tf if split == "train" else self.eval_tf)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        # Under DDP, Lightning shards training with its DistributedSampler; evaluation uses
+        # unpadded shards so that every sample counts once.
+        dataset = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=None if split == "train" else eval_sampler(dataset, self.trainer),
             drop_last=split == "train",
             num_workers=self.num_workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),

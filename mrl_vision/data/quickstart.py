@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .sampler import eval_sampler
 from .transforms import eval_transform, train_transform
 
 MNIST_MEAN = (0.1307,) * 3
@@ -116,10 +117,12 @@ class QuickstartDataModule(L.LightningDataModule):
             self.datasets[name] = DigitsDataset(images[idx], labels[idx], tf)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        sampler = None if name == "train" else eval_sampler(self.datasets[name], self.trainer)
         return DataLoader(
             self.datasets[name],
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=False,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -1,0 +1,336 @@
+"""Adaptive classification: a confidence cascade from small to large nesting sizes.
+
+Each sample starts at the smallest size; when its max softmax probability at size ``g`` reaches
+``thresholds[g]`` the cascade answers there, otherwise it moves to the next size; the largest size
+always answers. Everything here works on plain tensors (no Lightning), so the callback, the CLI, the
+notebooks and the benchmark call the same functions.
+
+Shapes: ``G`` nesting sizes, ``N`` samples, ``C`` classes, ``K`` candidate cascades.
+
+- ``confidences(logits [G, N, C]) -> conf [G, N], preds [G, N]``
+- ``evaluate_cascade(conf, preds, labels, nesting, thresholds [G-1]) -> CascadeResult``
+- ``fit_pairwise``: the reference method (one threshold per consecutive pair of sizes).
+- ``fit_tolerance`` / ``fit_budget``: the cheapest cascade within a tolerance of the largest size's
+  accuracy / the most accurate cascade under an expected-dimension budget, chosen from a family of
+  cascades traced by coordinate descent on ``accuracy - lambda * expected_dims`` for many lambdas.
+- ``tradeoff_curve``: the (expected dims, accuracy) frontier of that family, beside the fixed sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+
+METHODS = ("pairwise", "tolerance", "budget")
+
+
+# ----------------------------------------------------------------------------- basics
+def confidences(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max softmax probability and argmax class per size: ``[G, N, C] -> ([G, N], [G, N])``."""
+    if logits.ndim != 3:
+        raise ValueError(f"expected logits [G, N, C], got shape {tuple(logits.shape)}")
+    conf, preds = logits.float().softmax(-1).max(-1)
+    return conf, preds
+
+
+def validate_thresholds(thresholds: Sequence[float] | torch.Tensor, num_sizes: int) -> torch.Tensor:
+    """Thresholds as a float tensor ``[G-1]``: one per size but the last, finite, within [0, 1]."""
+    t = torch.as_tensor(thresholds, dtype=torch.float32).flatten().cpu()
+    if t.numel() != num_sizes - 1:
+        raise ValueError(
+            f"need one threshold per nesting size but the last ({num_sizes - 1}), got {t.numel()}: {t.tolist()}"
+        )
+    for i, v in enumerate(t.tolist()):
+        if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"thresholds must be finite and within [0, 1]; got {v} at position {i}")
+    return t
+
+
+def exit_index(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """The size index each sample exits at: ``conf [G, N], thresholds [..., G-1] -> [..., N]``.
+
+    The first ``g < G-1`` with ``conf[g] >= thresholds[g]``, else ``G-1``.
+    """
+    g = conf.shape[0]
+    thr = thresholds.to(conf.device, conf.dtype)
+    confident = conf[:-1] >= thr.unsqueeze(-1)  # [..., G-1, N]
+    last = torch.ones_like(confident[..., :1, :])
+    return torch.cat([confident, last], dim=-2).to(torch.uint8).argmax(dim=-2).clamp_(max=g - 1)
+
+
+@dataclass
+class CascadeResult:
+    """What a cascade does on a data set (accuracy in [0, 1], dims in embedding dimensions)."""
+
+    thresholds: list[float]
+    accuracy: float
+    expected_dims: float  # sum over sizes of size x fraction exiting there
+    expected_head_cost: float  # sum over sizes of size x fraction that evaluated that size
+    exit_fractions: list[float] = field(default_factory=list)
+    nesting: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate_cascade(
+    conf: torch.Tensor,
+    preds: torch.Tensor,
+    labels: torch.Tensor,
+    nesting: Sequence[int],
+    thresholds: Sequence[float] | torch.Tensor,
+) -> CascadeResult:
+    """Accuracy, expected dims, expected head cost and exit fractions of one cascade.
+
+    ``expected_head_cost`` counts every size a sample passed through (the cost with independent
+    MRL heads; with MRL-E, whose larger sizes reuse the smaller ones' logits, it equals
+    ``expected_dims``).
+    """
+    nest = torch.tensor(list(nesting), dtype=torch.float64)
+    t = validate_thresholds(thresholds, len(nest))
+    ex = exit_index(conf, t)
+    correct = preds.gather(0, ex.unsqueeze(0)).squeeze(0).eq(labels.to(preds.device))
+    frac = torch.bincount(ex.cpu(), minlength=len(nest)).double() / max(1, ex.numel())
+    passed = frac.flip(0).cumsum(0).flip(0)  # fraction that evaluated size g
+    return CascadeResult(
+        thresholds=t.tolist(),
+        accuracy=float(correct.double().mean()) if correct.numel() else float("nan"),
+        expected_dims=float((frac * nest).sum()),
+        expected_head_cost=float((passed * nest).sum()),
+        exit_fractions=frac.tolist(),
+        nesting=[int(m) for m in nesting],
+    )
+
+
+# ----------------------------------------------------------------------------- fitting
+def _check_inputs(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, nesting: Sequence[int]) -> None:
+    if conf.shape != preds.shape or conf.ndim != 2:
+        raise ValueError(f"conf and preds must both be [G, N]; got {tuple(conf.shape)} and {tuple(preds.shape)}")
+    if labels.ndim != 1 or labels.shape[0] != conf.shape[1]:
+        raise ValueError(f"labels must be [N={conf.shape[1]}], got {tuple(labels.shape)}")
+    if len(nesting) != conf.shape[0]:
+        raise ValueError(f"nesting has {len(nesting)} sizes but conf has {conf.shape[0]}")
+    if len(nesting) < 2:
+        raise ValueError("a cascade needs at least two nesting sizes")
+    if conf.shape[1] == 0:
+        raise ValueError("cannot fit thresholds on an empty calibration set")
+
+
+def fit_pairwise(
+    conf: torch.Tensor,
+    preds: torch.Tensor,
+    labels: torch.Tensor,
+    nesting: Sequence[int],
+    grid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The reference method: for each consecutive pair (g, g+1), the threshold on size g's
+    confidence that maximises the accuracy of the two-size cascade (g answers when confident, g+1
+    otherwise), the smallest such threshold on ties. ``grid`` defaults to 0.00, 0.01, ..., 1.00.
+    Returns thresholds ``[G-1]``."""
+    _check_inputs(conf, preds, labels, nesting)
+    grid = torch.linspace(0, 1, 101) if grid is None else grid.float().cpu()
+    correct = preds.eq(labels.to(preds.device)).cpu()
+    conf = conf.float().cpu()
+    out = []
+    for g in range(conf.shape[0] - 1):
+        use_small = conf[g].unsqueeze(0) >= grid.unsqueeze(1)  # [T, N]
+        acc = torch.where(use_small, correct[g], correct[g + 1]).double().mean(1)
+        out.append(grid[int(torch.nonzero(acc == acc.max())[0])])  # first (smallest) best
+    return torch.stack(out)
+
+
+def _candidate_grid(conf: torch.Tensor, points: int) -> torch.Tensor:
+    """Per-size threshold candidates ``[G-1, T]``: quantiles of that size's confidence, plus 0 and 1
+    (confidences pile up near 1 on easy data, where a uniform grid would be too coarse)."""
+    q = torch.linspace(0, 1, points)
+    cands = torch.quantile(conf[:-1].float(), q, dim=1).T  # [G-1, T]
+    return torch.cat([torch.zeros_like(cands[:, :1]), cands, torch.ones_like(cands[:, :1])], dim=1)
+
+
+def cascade_family(
+    conf: torch.Tensor,
+    preds: torch.Tensor,
+    labels: torch.Tensor,
+    nesting: Sequence[int],
+    lambdas: Sequence[float] | None = None,
+    points: int = 64,
+    sweeps: int = 2,
+) -> torch.Tensor:
+    """Candidate cascades ``[K, G-1]`` spanning cheap to accurate.
+
+    For each trade-off weight ``lam`` (default: 0 and 40 values log-spaced from 1e-4 to 10), coordinate
+    descent over the sizes' thresholds maximises ``accuracy - lam * expected_dims / d`` on the given
+    data (``d`` the largest size), each threshold chosen from confidence quantiles; the solution
+    of one ``lam`` starts the next. Plus, for reference, the cascades with one shared threshold.
+    """
+    _check_inputs(conf, preds, labels, nesting)
+    conf = conf.float().cpu()
+    correct = preds.eq(labels.to(preds.device)).cpu()
+    nest = torch.tensor(list(nesting), dtype=torch.float64)
+    lambdas = [0.0, *torch.logspace(-4, 1, 40).tolist()] if lambdas is None else list(lambdas)
+    cands = _candidate_grid(conf, points)  # [G-1, T]
+    g1, t_count = cands.shape
+    thr = torch.ones(g1)  # start from "always the largest size"
+    found = []
+    for lam in lambdas:
+        for _ in range(sweeps):
+            for g in range(g1):
+                trial = thr.repeat(t_count, 1)
+                trial[:, g] = cands[g]
+                acc, dims = _family_metrics(conf, correct, nest, trial)
+                score = acc - lam * dims / float(nest[-1])
+                best = torch.nonzero(score >= score.max() - 1e-12).flatten()
+                thr = trial[best[dims[best].argmin()]].clone()  # cheapest among the best
+        found.append(thr.clone())
+    shared = torch.linspace(0, 1, 101).unsqueeze(1).repeat(1, g1)
+    return torch.cat([torch.stack(found), shared])
+
+
+def _family_metrics(conf: torch.Tensor, correct: torch.Tensor, nest: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy and expected dims of K cascades at once: ``thr [K, G-1] -> ([K], [K])``."""
+    ex = exit_index(conf, thr)  # [K, N]
+    return correct.gather(0, ex).double().mean(1), nest[ex].mean(1)
+
+
+def pareto_front(acc: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """Indices of the points no other point beats on both accuracy (higher) and dims (lower),
+    sorted by dims."""
+    order = sorted(range(len(acc)), key=lambda i: (float(dims[i]), -float(acc[i])))
+    keep, best = [], -math.inf
+    for i in order:
+        if float(acc[i]) > best + 1e-12:
+            keep.append(i)
+            best = float(acc[i])
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def fit_tolerance(
+    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, nesting: Sequence[int], tolerance: float = 0.005, **family_kw
+) -> torch.Tensor:
+    """The cascade with the fewest expected dims whose accuracy on the given data is at least the
+    largest size's accuracy minus ``tolerance`` (a fraction: 0.005 = half a point)."""
+    if not math.isfinite(tolerance) or tolerance < 0:
+        raise ValueError(f"tolerance must be finite and >= 0, got {tolerance}")
+    fam = cascade_family(conf, preds, labels, nesting, **family_kw)
+    correct = preds.eq(labels.to(preds.device)).cpu()
+    acc, dims = _family_metrics(conf.float().cpu(), correct, torch.tensor(list(nesting), dtype=torch.float64), fam)
+    target = float(correct[-1].double().mean()) - tolerance
+    ok = torch.nonzero(acc >= target - 1e-12).flatten()
+    if not len(ok):  # unreachable in practice: "always the largest" meets any tolerance
+        return torch.ones(len(nesting) - 1)
+    return fam[ok[dims[ok].argmin()]]
+
+
+def fit_budget(
+    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, nesting: Sequence[int], budget: float, **family_kw
+) -> torch.Tensor:
+    """The most accurate cascade whose expected dims on the given data stay within ``budget``."""
+    if not math.isfinite(budget) or budget < min(nesting):
+        raise ValueError(f"budget must be at least the smallest size {min(nesting)}, got {budget}")
+    fam = cascade_family(conf, preds, labels, nesting, **family_kw)
+    correct = preds.eq(labels.to(preds.device)).cpu()
+    acc, dims = _family_metrics(conf.float().cpu(), correct, torch.tensor(list(nesting), dtype=torch.float64), fam)
+    ok = torch.nonzero(dims <= budget + 1e-9).flatten()
+    if not len(ok):
+        return torch.zeros(len(nesting) - 1)  # everything exits at the smallest size
+    best = torch.nonzero(acc[ok] >= acc[ok].max() - 1e-12).flatten()
+    return fam[ok[best[dims[ok][best].argmin()]]]
+
+
+def fit_thresholds(
+    conf: torch.Tensor,
+    preds: torch.Tensor,
+    labels: torch.Tensor,
+    nesting: Sequence[int],
+    method: str = "tolerance",
+    tolerance: float = 0.005,
+    budget: float | None = None,
+    **family_kw,
+) -> torch.Tensor:
+    """Dispatch to ``fit_pairwise``, ``fit_tolerance`` or ``fit_budget`` by name."""
+    if method == "pairwise":
+        return fit_pairwise(conf, preds, labels, nesting)
+    if method == "tolerance":
+        return fit_tolerance(conf, preds, labels, nesting, tolerance, **family_kw)
+    if method == "budget":
+        if budget is None:
+            raise ValueError("method='budget' needs a budget (expected dimensions)")
+        return fit_budget(conf, preds, labels, nesting, budget, **family_kw)
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+# ----------------------------------------------------------------------------- inference
+def cascade_predict(head, embeddings: Sequence[torch.Tensor], thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the cascade on embeddings: ``head`` is a Matryoshka head (``nesting``, ``block_logits``),
+    ``embeddings`` one ``[N, d]`` tensor per view (their logits are summed, e.g. image and mirror
+    image), ``thresholds [G-1]``. Returns ``(preds [N], exit_size [N])``.
+
+    Size ``g`` is computed only for the samples still undecided; with MRL-E ``block_logits`` adds
+    the new block's contribution to the previous size's logits instead of starting over.
+    """
+    nesting = list(head.nesting)
+    z0 = embeddings[0]
+    n, device = z0.shape[0], z0.device
+    thr = validate_thresholds(thresholds, len(nesting)).to(device)
+    preds = torch.empty(n, dtype=torch.long, device=device)
+    sizes = torch.empty(n, dtype=torch.long, device=device)
+    pending = torch.arange(n, device=device)
+    zs = list(embeddings)
+    prev: list[torch.Tensor | None] = [None] * len(zs)
+    for g, m in enumerate(nesting):
+        prev = [head.block_logits(z, g, p) for z, p in zip(zs, prev)]
+        conf, p = torch.stack(prev).sum(0).float().softmax(-1).max(-1)
+        done = conf >= thr[g] if g < len(nesting) - 1 else torch.ones_like(conf, dtype=torch.bool)
+        preds[pending[done]] = p[done]
+        sizes[pending[done]] = m
+        keep = ~done
+        pending = pending[keep]
+        if not len(pending):
+            break
+        zs = [z[keep] for z in zs]
+        prev = [q[keep] for q in prev]
+    return preds, sizes
+
+
+# ----------------------------------------------------------------------------- curves and splits
+def tradeoff_curve(
+    conf_fit: torch.Tensor,
+    preds_fit: torch.Tensor,
+    labels_fit: torch.Tensor,
+    conf_eval: torch.Tensor,
+    preds_eval: torch.Tensor,
+    labels_eval: torch.Tensor,
+    nesting: Sequence[int],
+    **family_kw,
+) -> list[dict]:
+    """The cascade's trade-off: the family fitted on the ``fit`` data, its Pareto front there,
+    evaluated on the ``eval`` data, beside each fixed size. Rows:
+    ``{"kind": "cascade"|"fixed", "expected_dims", "accuracy", "thresholds"}`` sorted by dims."""
+    fam = cascade_family(conf_fit, preds_fit, labels_fit, nesting, **family_kw)
+    nest = torch.tensor(list(nesting), dtype=torch.float64)
+    correct_fit = preds_fit.eq(labels_fit.to(preds_fit.device)).cpu()
+    acc, dims = _family_metrics(conf_fit.float().cpu(), correct_fit, nest, fam)
+    front = fam[pareto_front(acc, dims)]
+    correct_eval = preds_eval.eq(labels_eval.to(preds_eval.device)).cpu()
+    acc_e, dims_e = _family_metrics(conf_eval.float().cpu(), correct_eval, nest, front)
+    rows = [
+        {"kind": "cascade", "expected_dims": float(d), "accuracy": float(a), "thresholds": t.tolist()}
+        for d, a, t in zip(dims_e, acc_e, front)
+    ]
+    rows += [
+        {"kind": "fixed", "expected_dims": float(m), "accuracy": float(correct_eval[g].double().mean()), "thresholds": []}
+        for g, m in enumerate(nesting)
+    ]
+    return sorted(rows, key=lambda r: (r["kind"], r["expected_dims"]))
+
+
+def calibration_split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random split of ``range(n)`` into (calibration, evaluation) indices."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"calibration fraction must be in (0, 1), got {fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    k = int(round(fraction * n))
+    return perm[:k].sort().values, perm[k:].sort().values
