@@ -80,7 +80,6 @@ def head_times(width: int, num_classes: int, batch: int, min_run_time: float) ->
     torch.manual_seed(0)
     nesting = default_nesting(width)
     z = torch.randn(batch, width, requires_grad=True)
-    y = torch.randint(0, num_classes, (batch,))
     full = nn.Linear(width, num_classes)
     fused = MatryoshkaHead(width, num_classes, nesting, efficient=True)
     mrl = MatryoshkaHead(width, num_classes, nesting)

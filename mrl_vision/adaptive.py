@@ -195,6 +195,17 @@ def _family_metrics(conf: torch.Tensor, correct: torch.Tensor, nest: torch.Tenso
     return correct.gather(0, ex).double().mean(1), nest[ex].mean(1)
 
 
+def scored_family(
+    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, nesting: Sequence[int], **family_kw
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cascade_family`` with each cascade's accuracy and expected dims on the same data, and the
+    per-size correctness ``[G, N]``: ``(family [K, G-1], acc [K], dims [K], correct)``."""
+    fam = cascade_family(conf, preds, labels, nesting, **family_kw)
+    correct = preds.eq(labels.to(preds.device)).cpu()
+    acc, dims = _family_metrics(conf.float().cpu(), correct, torch.tensor(list(nesting), dtype=torch.float64), fam)
+    return fam, acc, dims, correct
+
+
 def pareto_front(acc: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
     """Indices of the points no other point beats on both accuracy (higher) and dims (lower),
     sorted by dims."""
@@ -214,9 +225,7 @@ def fit_tolerance(
     largest size's accuracy minus ``tolerance`` (a fraction: 0.005 = half a point)."""
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be finite and >= 0, got {tolerance}")
-    fam = cascade_family(conf, preds, labels, nesting, **family_kw)
-    correct = preds.eq(labels.to(preds.device)).cpu()
-    acc, dims = _family_metrics(conf.float().cpu(), correct, torch.tensor(list(nesting), dtype=torch.float64), fam)
+    fam, acc, dims, correct = scored_family(conf, preds, labels, nesting, **family_kw)
     target = float(correct[-1].double().mean()) - tolerance
     ok = torch.nonzero(acc >= target - 1e-12).flatten()
     if not len(ok):  # unreachable in practice: "always the largest" meets any tolerance
@@ -230,9 +239,7 @@ def fit_budget(
     """The most accurate cascade whose expected dims on the given data stay within ``budget``."""
     if not math.isfinite(budget) or budget < min(nesting):
         raise ValueError(f"budget must be at least the smallest size {min(nesting)}, got {budget}")
-    fam = cascade_family(conf, preds, labels, nesting, **family_kw)
-    correct = preds.eq(labels.to(preds.device)).cpu()
-    acc, dims = _family_metrics(conf.float().cpu(), correct, torch.tensor(list(nesting), dtype=torch.float64), fam)
+    fam, acc, dims, correct = scored_family(conf, preds, labels, nesting, **family_kw)
     ok = torch.nonzero(dims <= budget + 1e-9).flatten()
     if not len(ok):
         return torch.zeros(len(nesting) - 1)  # everything exits at the smallest size
@@ -309,10 +316,8 @@ def tradeoff_curve(
     """The cascade's trade-off: the family fitted on the ``fit`` data, its Pareto front there,
     evaluated on the ``eval`` data, beside each fixed size. Rows:
     ``{"kind": "cascade"|"fixed", "expected_dims", "accuracy", "thresholds"}`` sorted by dims."""
-    fam = cascade_family(conf_fit, preds_fit, labels_fit, nesting, **family_kw)
+    fam, acc, dims, _ = scored_family(conf_fit, preds_fit, labels_fit, nesting, **family_kw)
     nest = torch.tensor(list(nesting), dtype=torch.float64)
-    correct_fit = preds_fit.eq(labels_fit.to(preds_fit.device)).cpu()
-    acc, dims = _family_metrics(conf_fit.float().cpu(), correct_fit, nest, fam)
     front = fam[pareto_front(acc, dims)]
     correct_eval = preds_eval.eq(labels_eval.to(preds_eval.device)).cpu()
     acc_e, dims_e = _family_metrics(conf_eval.float().cpu(), correct_eval, nest, front)

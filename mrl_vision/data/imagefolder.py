@@ -6,7 +6,6 @@ their order defines the labels, and ``val``/``test`` must use the same class nam
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
