@@ -186,7 +186,7 @@ class FFCVDataModule(L.LightningDataModule):
             image = [decoder] + ([RandomHorizontalFlip()] if hp.hflip else [])
         else:
             image = [CenterCropRGBImageDecoder((hp.eval_image_size, hp.eval_image_size), ratio=hp.eval_crop_ratio)]
-        label = [IntDecoder(), ToTensor(), Squeeze()]
+        label = [IntDecoder(), ToTensor(), Squeeze(1)]  # dim 1 only: a batch of one stays [1]
         device = self._device()
         if device.type != "cuda":
             # On the CPU, normalise in FFCV's JIT op: it runs in the loader threads, ahead of the
