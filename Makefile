@@ -9,7 +9,7 @@ PYTEST := $(PY) -m pytest -p no:cacheprovider
 SYSTEM_PKGS := libturbojpeg0-dev libopencv-dev pkg-config
 QS := data/quickstart
 
-.PHONY: install system-deps test test-fast test-slow demo demo-torchvision bench clean
+.PHONY: install system-deps test test-fast test-slow demo demo-torchvision results results-train bench clean
 
 # FFCV's build needs these; installed with apt-get when missing (as root, or say what to run).
 system-deps:
@@ -56,6 +56,30 @@ demo-torchvision: $(STAMP)
 	$(MRL) fit --trainer.logger.init_args.version demo --trainer.enable_progress_bar false
 	$(MRL) test --trainer.logger.init_args.version demo-test --trainer.enable_progress_bar false \
 		--ckpt_path runs/quickstart/demo/checkpoints/last.ckpt
+
+# The README's result: on the quickstart digits, MRL, MRL-E, FF at every size and a standard model
+# (FF at the full width) cut down after training; then one report. About 20 minutes on 2 cores.
+RESULTS := runs/results
+FF_SIZES := 8 16 32 64 128 256 512
+RUN = $(MRL) fit --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir $(RESULTS) \
+	--trainer.logger.init_args.name quickstart
+TEST = $(MRL) test --trainer.enable_progress_bar false --trainer.logger.init_args.save_dir $(RESULTS) \
+	--trainer.logger.init_args.name quickstart
+
+results-train: $(STAMP)
+	rm -rf $(RESULTS)
+	for h in mrl mrl_e; do \
+		$(RUN) --model.head $$h --trainer.logger.init_args.version $$h && \
+		$(TEST) --ckpt_path $(RESULTS)/quickstart/$$h/checkpoints/last.ckpt --trainer.logger.init_args.version $$h-test \
+		|| exit 1; done
+	for m in $(FF_SIZES); do \
+		$(RUN) --model.ff_dim $$m --trainer.logger.init_args.version ff$$m && \
+		$(TEST) --ckpt_path $(RESULTS)/quickstart/ff$$m/checkpoints/last.ckpt --trainer.logger.init_args.version ff$$m-test \
+		|| exit 1; done
+
+results: results-train
+	$(MRL) truncate --ckpt_path $(RESULTS)/quickstart/ff512/checkpoints/last.ckpt --out $(RESULTS)/quickstart/truncated
+	$(MRL) report $(RESULTS)/quickstart/*-test $(RESULTS)/quickstart/truncated --out $(RESULTS)/report
 
 bench: $(STAMP)
 	$(PY) benchmarks/head_overhead.py

@@ -147,11 +147,117 @@ def prepare(args: Sequence[str]) -> dict:
     return info
 
 
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mrl-vision report",
+        description="Read run folders (CSV logger versions, truncate outputs) and write top-1 vs dimensions "
+        "(PNG, log-2 axis), a Markdown and a CSV table, and the adaptive trade-off when a run has one.",
+    )
+    p.add_argument("runs", nargs="+", help="run folders, e.g. runs/quickstart/version_0")
+    p.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
+    p.add_argument("--title", default="", help="figure and table title")
+    return p
+
+
+def report(args: Sequence[str]) -> dict:
+    """``mrl-vision report``: parse ``args``, write the report, print its table; returns the written paths."""
+    from .report import write_report
+
+    a = report_parser().parse_args(list(args))
+    try:
+        written = write_report(a.runs, a.out, title=a.title)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"mrl-vision report: error: {e}") from None
+    print(written["md"].read_text(), end="")
+    if "adaptive_md" in written:
+        print("\nadaptive classification\n\n" + written["adaptive_md"].read_text(), end="")
+    print("wrote " + ", ".join(str(p) for p in written.values()))
+    return written
+
+
+def truncate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mrl-vision truncate",
+        description="Post-hoc truncation of a trained (standard) model: at each size m, a linear probe on the "
+        "first m embedding dimensions and one on an SVD projection to m dimensions, fitted on the training "
+        "split and scored on the evaluation split. Other arguments (--config, --data.*) choose the data "
+        "as for fit (default: the quickstart).",
+    )
+    p.add_argument("--ckpt_path", required=True, help="the checkpoint of the model to truncate")
+    p.add_argument("--out", required=True, help="output folder: truncation.csv and truncation.json")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="sizes (default 8, 16, ... the width)")
+    p.add_argument("--fit-split", default="train", choices=["train", "val"], help="split the probes are fitted on")
+    p.add_argument("--eval-split", default="test", choices=["val", "test"], help="split they are scored on")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the probes")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where embeddings are computed")
+    return p
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def truncate(args: Sequence[str]) -> list[dict]:
+    """``mrl-vision truncate``: embeddings of a checkpoint, probes per size, ``truncation.{csv,json}``."""
+    from pathlib import Path
+
+    import torch
+
+    from .files import atomic_write_text
+    from .heads import default_nesting
+    from .report import markdown_table, rows_to_csv
+    from .truncation import extract_embeddings, truncation_table
+
+    a, rest = truncate_parser().parse_known_args(list(args))
+    if not os.path.isfile(a.ckpt_path):
+        raise SystemExit(f"mrl-vision truncate: error: checkpoint {a.ckpt_path!r} does not exist")
+    if not any(x in ("--config", "-c") or x.startswith("--config=") for x in rest):
+        rest = ["--config", quickstart_config(), *rest]
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and sys.argv
+    try:
+        parsed = cli([*rest, "--trainer.logger", "false"], run=False)
+    finally:
+        sys.argv = argv
+    dm = parsed.datamodule
+    if not hasattr(dm, "eval_dataloader"):
+        raise SystemExit(f"mrl-vision truncate: error: {type(dm).__name__} has no eval_dataloader(split)")
+    model = MatryoshkaClassifier.load_from_checkpoint(a.ckpt_path, map_location="cpu")
+    if getattr(dm, "num_classes", model.num_classes) != model.num_classes:
+        raise SystemExit(f"mrl-vision truncate: error: the data has {dm.num_classes} classes, the checkpoint "
+                         f"{model.num_classes}")
+    sizes = a.sizes or default_nesting(model.width)
+    z_fit, y_fit = extract_embeddings(model, dm.eval_dataloader(a.fit_split), a.device)
+    z_eval, y_eval = extract_embeddings(model, dm.eval_dataloader(a.eval_split), a.device)
+    try:
+        rows = truncation_table(z_fit, y_fit, z_eval, y_eval, sizes, model.num_classes, a.weight_decay)
+    except ValueError as e:
+        raise SystemExit(f"mrl-vision truncate: error: {e}") from None
+    with torch.no_grad():
+        own = model.head(z_eval)[-1].argmax(-1).eq(y_eval).float().mean().item()
+    out = Path(a.out)
+    atomic_write_text(out / "truncation.csv", rows_to_csv(rows))
+    meta = {"ckpt_path": a.ckpt_path, "backbone": model.hparams.backbone, "head": model.head_kind,
+            "width": model.width, "fit_split": a.fit_split, "eval_split": a.eval_split,
+            "num_fit": int(y_fit.numel()), "num_eval": int(y_eval.numel()), "weight_decay": a.weight_decay,
+            f"own_classifier_top1@{model.nesting[-1]}": 100 * own}
+    atomic_write_text(out / "truncation.json", json.dumps(meta, indent=2) + "\n")
+    print(f"post-hoc truncation of {a.ckpt_path} ({model.head_kind} head at {model.nesting}); probes fitted on "
+          f"{meta['num_fit']} {a.fit_split} images, top-1 % on {meta['num_eval']} {a.eval_split} images:")
+    print(markdown_table(rows), end="")
+    print(f"its own classifier at {model.nesting[-1]} dims: {100 * own:.2f} %; wrote {out / 'truncation.csv'}")
+    return rows
+
+
+COMMANDS = {"prepare": prepare, "report": report, "truncate": truncate}
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point of ``mrl-vision``."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] == "prepare":
-        prepare(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        COMMANDS[argv[0]](argv[1:])
         return
     cli(args)
 

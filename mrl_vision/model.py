@@ -55,6 +55,10 @@ class MatryoshkaClassifier(L.LightningModule):
         nesting: prefix sizes, ascending; default powers of two from 8 to the width, ending at the
             width. For ``ff``/``ff_projection`` one size ``[m]`` (default: the full width, i.e. a
             standard model).
+        ff_dim: the fixed-feature baseline at this size in one override: ``--model.ff_dim 16`` turns
+            any MRL or MRL-E config into FF-16 (``head=ff``, ``nesting=[16]``; it takes precedence over
+            both; an ``ff_projection`` head keeps its projection). ``ff_dim`` = the width is the
+            standard model (one classifier on the whole embedding).
         loss_weights: one per size (default all 1).
         label_smoothing: cross-entropy label smoothing (the reference recipe: 0.1).
         pretrained / pretrained_file / backbone_kwargs: see :func:`mrl_vision.backbones.create_backbone`.
@@ -86,6 +90,7 @@ class MatryoshkaClassifier(L.LightningModule):
         backbone: str = "resnet18",
         head: HeadKind = "mrl",
         nesting: list[int] | None = None,
+        ff_dim: int | None = None,
         loss_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         pretrained: bool = False,
@@ -119,6 +124,12 @@ class MatryoshkaClassifier(L.LightningModule):
         self.backbone, self.width = create_backbone(
             backbone, pretrained=pretrained, pretrained_file=pretrained_file, **(backbone_kwargs or {})
         )
+        if ff_dim is not None:
+            if isinstance(ff_dim, bool) or not isinstance(ff_dim, int) or not 1 <= ff_dim <= self.width:
+                raise ValueError(f"ff_dim must be an integer in [1, {self.width}] (the {backbone} width), got {ff_dim!r}")
+            head = "ff_projection" if head == "ff_projection" else "ff"
+            nesting = [ff_dim]
+        self.head_kind: str = head
         if head in ("ff", "ff_projection"):
             sizes = validate_nesting(nesting if nesting is not None else [self.width], self.width)
             if len(sizes) != 1:
@@ -266,7 +277,7 @@ class MatryoshkaClassifier(L.LightningModule):
         self.test_results = rows
         out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
         if self.trainer.is_global_zero and rows:
-            title = f"{self.hparams.backbone} {self.hparams.head} test accuracy"
+            title = f"{self.hparams.backbone} {self.head_kind} test accuracy"
             rank_zero_info("\n" + format_table(rows, title))
             csv_path, png_path = write_accuracy_report(rows, out_dir, title=title)
             rank_zero_info(f"wrote {csv_path} and {png_path}")

@@ -49,14 +49,8 @@ def rows_to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def plot_accuracy(curves: Mapping[str, list[dict]], path: str | os.PathLike, metric: str = "top1", title: str = "") -> None:
-    """Accuracy vs dimensions on a log-2 x axis, one line per named curve, saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+def draw_accuracy(ax, curves: Mapping[str, list[dict]], metric: str = "top1", title: str = "") -> None:
+    """Accuracy vs dimensions on ``ax`` (matplotlib), log-2 x axis, one line per named curve."""
     sizes: set[int] = set()
     for name, rows in curves.items():
         xs = [r["dims"] for r in rows if metric in r]
@@ -73,11 +67,32 @@ def plot_accuracy(curves: Mapping[str, list[dict]], path: str | os.PathLike, met
     if title:
         ax.set_title(title)
     if len(curves) > 1:
-        ax.legend()
+        ax.legend(fontsize=8)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 4.2), dpi=120)
+
+
+def plot_accuracy(curves: Mapping[str, list[dict]], path: str | os.PathLike, metric: str = "top1", title: str = "") -> None:
+    """:func:`draw_accuracy` saved as a PNG (crash-safe)."""
+    fig, ax = _figure()
+    draw_accuracy(ax, curves, metric, title)
+    _save(fig, path)
 
 
 def write_accuracy_report(rows: list[dict], out_dir: str | os.PathLike, stem: str = "test_accuracy", title: str = "") -> tuple[Path, Path]:
@@ -87,3 +102,217 @@ def write_accuracy_report(rows: list[dict], out_dir: str | os.PathLike, stem: st
     atomic_write_text(csv_path, rows_to_csv(rows))
     plot_accuracy({title or stem: rows}, png_path, title=title)
     return csv_path, png_path
+
+
+# ----------------------------------------------------------------------------- runs -> report
+HEAD_LABELS = {"mrl": "MRL", "mrl_e": "MRL-E", "ff": "FF", "ff_projection": "FF-proj"}
+
+
+def _read_csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _read_hparams(run_dir: Path) -> dict:
+    path = run_dir / "hparams.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def run_label(hparams: Mapping) -> str:
+    """``MRL``, ``MRL-E``, ``FF`` or ``FF-proj`` from a run's model hyperparameters (``ff_dim`` means FF)."""
+    head = hparams.get("head", "mrl")
+    if hparams.get("ff_dim") is not None:
+        head = "ff_projection" if head == "ff_projection" else "ff"
+    return HEAD_LABELS.get(head, str(head))
+
+
+def last_logged(metrics_csv: Path, prefix: str) -> dict[str, float]:
+    """The newest value of every ``{prefix}top*@m`` column in a CSV logger's ``metrics.csv``."""
+    found: dict[str, float] = {}
+    for row in _read_csv_rows(metrics_csv):
+        for k, v in row.items():
+            if k and k.startswith(prefix + "top") and "@" in k and v not in ("", None):
+                found[k] = float(v)
+    return found
+
+
+def load_run(run_dir: str | os.PathLike) -> dict:
+    """One run folder (a CSV logger version folder, or a ``mrl-vision truncate`` output) as a dict:
+    ``{"dir", "label", "split", "rows": [{"dims", "top1", "top5"?}], "adaptive": {...} | None, "hparams"}``.
+
+    Accuracies (percent) come from ``test_accuracy.csv`` when the run was tested, else the last
+    ``test/`` then ``val/`` values in ``metrics.csv``. A truncation folder gives ``rows`` per probe in
+    ``"series"`` instead. The adaptive cascade (``adaptive_{test,val}_curve.csv`` and the logged
+    ``adaptive/*`` values) is included when present.
+    """
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"run folder {str(d)!r} does not exist")
+    if (d / "truncation.csv").is_file():
+        rows = _read_csv_rows(d / "truncation.csv")
+        meta = {}
+        if (d / "truncation.json").is_file():
+            import json
+
+            meta = json.loads((d / "truncation.json").read_text())
+        # a fixed-feature head at the full width is the standard model
+        base = "standard" if meta.get("head", "ff") == "ff" else HEAD_LABELS.get(meta["head"], meta["head"])
+        series = {
+            f"{base}, first m dims + linear probe": [{"dims": int(r["dims"]), "top1": float(r["prefix_top1"])} for r in rows],
+            f"{base}, SVD to m dims + linear probe": [{"dims": int(r["dims"]), "top1": float(r["svd_top1"])} for r in rows],
+        }
+        return {"dir": str(d), "label": "truncated", "split": "test", "rows": [], "series": series,
+                "adaptive": None, "hparams": {}}
+    hparams = _read_hparams(d)
+    metrics_csv = d / "metrics.csv"
+    split, rows = None, []
+    if (d / "test_accuracy.csv").is_file():
+        split = "test"
+        rows = [{k: (int(v) if k == "dims" else float(v)) for k, v in r.items() if v != ""}
+                for r in _read_csv_rows(d / "test_accuracy.csv")]
+    elif metrics_csv.is_file():
+        for stage in ("test", "val"):
+            rows = accuracy_rows(last_logged(metrics_csv, f"{stage}/"), f"{stage}/")
+            if rows:
+                split = stage
+                break
+    if not rows:
+        raise ValueError(f"no per-size accuracies in {str(d)!r}: expected test_accuracy.csv or "
+                         "test/top1@m or val/top1@m columns in metrics.csv (a CSV logger folder)")
+    adaptive = None
+    for stage in ("test", "val"):
+        curve_path = d / f"adaptive_{stage}_curve.csv"
+        if curve_path.is_file():
+            curve = [{"kind": r["kind"], "expected_dims": float(r["expected_dims"]), "top1": float(r["top1"])}
+                     for r in _read_csv_rows(curve_path)]
+            chosen = {}
+            if metrics_csv.is_file():
+                for row in _read_csv_rows(metrics_csv):
+                    if row.get("adaptive/top1"):
+                        chosen = {"top1": 100 * float(row["adaptive/top1"]),
+                                  "expected_dims": float(row["adaptive/expected_dims"])}
+            adaptive = {"split": stage, "curve": curve, "chosen": chosen or None}
+            break
+    return {"dir": str(d), "label": run_label(hparams), "split": split, "rows": rows, "adaptive": adaptive,
+            "hparams": hparams}
+
+
+def collect_series(runs: list[dict], metric: str = "top1") -> dict[str, list[dict]]:
+    """Curves to plot and tabulate, ``{name: [{"dims", metric}, ...]}``: one per MRL/MRL-E run (named
+    by its label, or label + folder when two share one), the FF runs merged into one curve (a point
+    per trained size), and the truncation probes."""
+    series: dict[str, list[dict]] = {}
+    labels = [r["label"] for r in runs]
+    for run in runs:
+        if "series" in run:
+            series.update(run["series"])
+            continue
+        if run["label"] in ("FF", "FF-proj"):
+            series.setdefault(run["label"], []).extend(run["rows"])
+            continue
+        name = run["label"] if labels.count(run["label"]) == 1 else f"{run['label']} ({Path(run['dir']).name})"
+        series[name] = list(run["rows"])
+    for name, rows in series.items():
+        by_size = {}
+        for r in rows:
+            if metric in r:
+                by_size[r["dims"]] = {"dims": r["dims"], metric: r[metric]}
+        series[name] = [by_size[m] for m in sorted(by_size)]
+    return series
+
+
+def comparison_rows(series: Mapping[str, list[dict]], metric: str = "top1") -> list[dict]:
+    """A wide table: one row per size, one column per curve (empty where a curve has no point)."""
+    sizes = sorted({r["dims"] for rows in series.values() for r in rows})
+    table = []
+    for m in sizes:
+        row: dict = {"dims": m}
+        for name, rows in series.items():
+            row[name] = next((r[metric] for r in rows if r["dims"] == m), None)
+        table.append(row)
+    return table
+
+
+def markdown_table(rows: list[dict], digits: int = 2) -> str:
+    """A Markdown table of ``rows`` (floats with ``digits`` decimals, missing values as ``-``)."""
+    if not rows:
+        return "(no rows)\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_adaptive(ax, runs: list[dict]) -> bool:
+    """Each run's cascades (accuracy vs expected dims) beside its fixed sizes, on ``ax``; the chosen
+    cascade starred. False (nothing drawn) when no run has an adaptive curve."""
+    with_curve = [r for r in runs if r.get("adaptive")]
+    for i, run in enumerate(with_curve):
+        a, colour = run["adaptive"], f"C{i}"
+        name = run["label"] if len(with_curve) == 1 else f"{run['label']} ({Path(run['dir']).name})"
+        for kind, style in (("fixed", "s--"), ("cascade", "o-")):
+            pts = [p for p in a["curve"] if p["kind"] == kind]
+            ax.plot([p["expected_dims"] for p in pts], [p["top1"] for p in pts], style, color=colour, markersize=4,
+                    label=f"{name}: {'fixed sizes' if kind == 'fixed' else 'cascades'}")
+        if a["chosen"]:
+            ax.plot([a["chosen"]["expected_dims"]], [a["chosen"]["top1"]], "*", color=colour, markersize=12,
+                    label=f"{name}: chosen cascade")
+    if not with_curve:
+        return False
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("expected embedding dimensions")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("adaptive classification")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return True
+
+
+def plot_adaptive(runs: list[dict], path: str | os.PathLike) -> bool:
+    """:func:`draw_adaptive` saved as a PNG; False (nothing written) when no run has a cascade."""
+    if not any(r.get("adaptive") for r in runs):
+        return False
+    fig, ax = _figure()
+    draw_adaptive(ax, runs)
+    _save(fig, path)
+    return True
+
+
+def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
+    """``mrl-vision report``: read the runs, write ``accuracy_vs_dims.{png,csv,md}`` and, when a run has
+    a cascade, ``adaptive.{png,csv,md}`` into ``out_dir`` (all crash-safe). Returns the written paths."""
+    if not run_dirs:
+        raise ValueError("give at least one run folder")
+    runs = [load_run(d) for d in run_dirs]
+    series = collect_series(runs)
+    out = Path(out_dir)
+    table = comparison_rows(series)
+    written = {"png": out / "accuracy_vs_dims.png", "csv": out / "accuracy_vs_dims.csv", "md": out / "accuracy_vs_dims.md"}
+    splits = sorted({r["split"] for r in runs})
+    heading = title or f"top-1 accuracy (%) vs embedding dimensions ({'/'.join(splits)} split)"
+    plot_accuracy(series, written["png"], title=heading)
+    atomic_write_text(written["csv"], rows_to_csv(table))
+    atomic_write_text(written["md"], f"{heading}\n\n" + markdown_table(table))
+    adaptive_rows = []
+    for run in runs:
+        a = run.get("adaptive")
+        if a and a["chosen"]:
+            largest = run["rows"][-1]
+            adaptive_rows.append({"run": Path(run["dir"]).name, "label": run["label"], "split": a["split"],
+                                  "cascade top1": a["chosen"]["top1"], "expected dims": a["chosen"]["expected_dims"],
+                                  "largest dims": largest["dims"], "largest top1": largest["top1"]})
+    if plot_adaptive(runs, out / "adaptive.png"):
+        written["adaptive_png"] = out / "adaptive.png"
+        atomic_write_text(out / "adaptive.csv", rows_to_csv(adaptive_rows))
+        atomic_write_text(out / "adaptive.md", markdown_table(adaptive_rows))
+        written["adaptive_csv"], written["adaptive_md"] = out / "adaptive.csv", out / "adaptive.md"
+    return written

@@ -164,8 +164,9 @@ class FFCVDataModule(L.LightningDataModule):
             self._warned_workers = True
         return max(1, min(self.hparams.num_workers, cores))
 
-    def make_loader(self, split: str):
-        """The FFCV ``Loader`` of ``split`` (``train``, ``val``, ``test`` or ``predict``)."""
+    def make_loader(self, split: str, augment: bool = True):
+        """The FFCV ``Loader`` of ``split`` (``train``, ``val``, ``test`` or ``predict``); the training
+        split is augmented and shuffled unless ``augment=False`` (then read as for evaluation)."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -174,7 +175,7 @@ class FFCVDataModule(L.LightningDataModule):
         path = self.paths[split]
         if not path:
             raise ValueError(f"no FFCV file for the {split} split: set {split}_path")
-        train = split == "train"
+        train = split == "train" and augment
         distributed = self._distributed()
         if train and hp.order == "quasi_random" and distributed:
             raise ValueError("order='quasi_random' does not work under DDP (distributed=True); use order='random'")
@@ -230,6 +231,14 @@ class FFCVDataModule(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self.make_loader("predict")
+
+    def eval_dataloader(self, split: str, batch_size: int | None = None):
+        """``split`` read as for evaluation (center crop, in order, unsharded): features for linear probes."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {split!r}; choose train, val or test")
+        if batch_size is not None:
+            self.hparams.eval_batch_size = batch_size
+        return self.make_loader(split, augment=False)
 
     # ------------------------------------------------------------------ on the device
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -154,3 +154,11 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """``split`` with the evaluation transform, in order, unsharded (features for linear probes)."""
+        if split not in self.split_dirs:
+            raise ValueError(f"unknown split {split!r}; choose train, val or test")
+        dataset = self.dataset(split)
+        dataset.transform = self.eval_tf
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False, num_workers=self.num_workers)

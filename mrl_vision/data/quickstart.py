@@ -139,3 +139,13 @@ class QuickstartDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """``split`` with the evaluation transform, in order, unsharded (features for linear probes)."""
+        self.setup()
+        if split not in self.datasets:
+            raise ValueError(f"unknown split {split!r}; choose train, val or test")
+        d = self.datasets[split]
+        eval_tf = eval_transform(self.hparams.image_size, 1.0, MNIST_MEAN, MNIST_STD)
+        return DataLoader(DigitsDataset(d.images, d.labels, eval_tf), batch_size=batch_size or self.batch_size,
+                          shuffle=False, num_workers=self.num_workers)
