@@ -243,8 +243,12 @@ class FFCVDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ on the device
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``uint8 [N, 3, H, W]`` -> normalised ``dtype``, on the images' device and memory format."""
-        mean = self._mean.to(images.device, dtype).view(1, -1, 1, 1)
-        std = self._std.to(images.device, dtype).view(1, -1, 1, 1)
+        key = (images.device, dtype)
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if key not in cache:  # once per device and dtype: a host-to-device copy every step would sync the GPU
+            cache[key] = (self._mean.to(images.device, dtype).view(1, -1, 1, 1),
+                          self._std.to(images.device, dtype).view(1, -1, 1, 1))
+        mean, std = cache[key]
         return (images.to(dtype) - mean) / std
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end: ``benchmarks/gpu_throughput.py --smoke`` on the CPU, in a
+subprocess, with its real data path (photographs -> .beton -> FFCVDataModule -> Lightning)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT
+
+SCRIPT = REPO_ROOT / "benchmarks" / "gpu_throughput.py"
+
+
+@pytest.mark.slow  # about 30 s on 2 cores (FFCV's JIT compilation, 12 short Trainer runs)
+def test_gpu_throughput_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--json", str(out), "--workdir", str(tmp_path / "work")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "== Training throughput, test_resnet" in proc.stdout, log[-4000:]
+    assert "targets at 176 px" in proc.stdout
+    assert list((tmp_path / "work").iterdir()) == [], "the temporary data folder was not removed"
+
+    result = json.loads(out.read_text())
+    with_ffcv = importlib.util.find_spec("ffcv") is not None
+    assert (result["ffcv_skipped"] is None) == with_ffcv, result["ffcv_skipped"]
+    rows = {(r["size"], r["head"]): r for r in result["rows"]}
+    assert set(rows) == {(s, h) for s in (32, 48) for h in ("plain", "mrl", "mrl_e")}
+    keys = ["model_only_img_s", "model_only_ratio"] + (["ffcv_img_s", "ffcv_ratio", "ffcv_over_model_only"] if with_ffcv else [])
+    for (size, head), row in rows.items():
+        for key in keys:
+            value = row[key]
+            assert isinstance(value, float) and math.isfinite(value) and value > 0, (size, head, key, value)
+        if head == "plain":
+            assert row["model_only_ratio"] == 1.0
+            assert not with_ffcv or row["ffcv_ratio"] == 1.0
+        if not with_ffcv:
+            assert row["ffcv_img_s"] is None
+    # every row also printed in the table, with its size and head
+    table = proc.stdout.split("== Training throughput")[1]
+    for size, head in rows:
+        assert any(line.split()[:2] == [str(size), head] for line in table.splitlines()), (size, head)
