@@ -197,7 +197,7 @@ def ffcv_raw_epochs(path: str, crop: int, batch: int, workers: int, seed: int, n
         seed=seed,
         drop_last=True,
         batches_ahead=3,
-        pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze()]},
+        pipelines={"image": image, "label": [IntDecoder(), ToTensor(), Squeeze(1)]},
     )
 
     def epoch() -> int:
