@@ -3,6 +3,8 @@
 - ``test`` with 2 processes gives exactly the per-size accuracies of 1 process, for the ImageFolder
   and the FFCV data modules, on an odd-sized set (21 images: shards of 11 and 10, partial batches),
   and both equal the accuracies computed here directly from the checkpoint over every image once.
+- ``fit`` with 2 processes shards the training set (ImageFolder through Lightning's sampler, FFCV
+  through ``distributed=True``): half the steps of one process.
 - ``fit`` with 2 processes for a few steps, then ``fit --ckpt_path last`` (a new version folder),
   resumes from the first run's ``last.ckpt`` and continues its epoch and step count.
 
@@ -85,34 +87,40 @@ def eval_setup(tmp_path_factory):
 
         beton = root / "val.beton"
         write_beton(str(images / "val"), beton, write_mode="raw", num_workers=1)
+        write_beton(str(images / "train"), root / "train.beton", write_mode="jpg", num_workers=1)
     except ImportError:
         pass
     return {"root": root, "images": images, "ckpt": ckpt, "beton": beton}
 
 
-def _data_config(kind: str, setup: dict) -> dict:
+def _data_config(kind: str, setup: dict, batch_size: int = 4) -> dict:
     if kind == "imagefolder":
         return {"class_path": "mrl_vision.data.ImageFolderDataModule",
                 "init_args": {"root": str(setup["images"]), "image_size": 32, "eval_crop_ratio": 1.0,
-                              "batch_size": 4, "num_workers": 0}}
+                              "batch_size": batch_size, "num_workers": 0}}
     if setup["beton"] is None:
         pytest.skip("ffcv is not installed")
     return {"class_path": "mrl_vision.data.FFCVDataModule",
-            "init_args": {"test_path": str(setup["beton"]), "eval_image_size": 32, "eval_crop_ratio": 1.0,
-                          "batch_size": 4, "num_workers": 1}}
+            "init_args": {"train_path": str(setup["root"] / "train.beton"), "val_path": str(setup["beton"]),
+                          "test_path": str(setup["beton"]), "image_size": 32, "eval_image_size": 32,
+                          "eval_crop_ratio": 1.0, "batch_size": batch_size, "num_workers": 1}}
 
 
-def _test_run(kind: str, setup: dict, devices: int) -> Path:
-    """``mrl-vision test`` of the fixed checkpoint with ``devices`` processes; returns the log dir."""
-    work = setup["root"] / f"{kind}_{devices}"
+def _write_config(work: Path, kind: str, setup: dict, batch_size: int = 4) -> None:
     work.mkdir()
     cfg = {
         "trainer": {"logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                "init_args": {"save_dir": "runs", "name": "t"}}},
         "model": {"backbone": "test_resnet"},
-        "data": _data_config(kind, setup),
+        "data": _data_config(kind, setup, batch_size),
     }
     (work / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def _test_run(kind: str, setup: dict, devices: int) -> Path:
+    """``mrl-vision test`` of the fixed checkpoint with ``devices`` processes; returns the log dir."""
+    work = setup["root"] / f"{kind}_{devices}"
+    _write_config(work, kind, setup)
     _run(["test", "--config", "config.yaml", "--ckpt_path", str(setup["ckpt"]), *_trainer_args(devices, work / "runs")],
          work, "test")
     return work / "runs" / "t" / "version_0"
@@ -152,6 +160,20 @@ def test_two_process_test_equals_one_process(kind, eval_setup):
     if kind == "imagefolder":  # FFCV decodes through its own resize: compare it with 1 process only
         direct = _direct_accuracy(eval_setup)
         assert acc1 == pytest.approx({m: 100 * v for m, v in direct.items()}, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "ffcv"])
+def test_two_process_fit_shards_training(kind, eval_setup):
+    """2-process `fit` does not shard the training set (each rank would take every batch) or fails."""
+    work = eval_setup["root"] / f"fit_{kind}"
+    _write_config(work, kind, eval_setup, batch_size=2)
+    _run(["fit", "--config", "config.yaml", "--trainer.max_epochs", "1", "--trainer.num_sanity_val_steps", "0",
+          *_trainer_args(2, work / "runs")], work, "fit")
+    # 12 training images, 2 ranks, batch 2 per rank: 3 steps (6 without sharding), drop_last on both modules
+    ckpts = sorted(p.name for p in (work / "runs" / "t" / "version_0" / "checkpoints").glob("*.ckpt"))
+    assert ckpts == ["epoch=0-step=3.ckpt"]
+    rows = _read_csv(work / "runs" / "t" / "version_0" / "metrics.csv")
+    assert any(r.get("val/top1@96") for r in rows)  # validation ran on both ranks and was logged
 
 
 # ----------------------------------------------------------------------------- fit + resume

@@ -1,0 +1,198 @@
+"""Analysis: FF in one override, post-hoc truncation, `mrl-vision report`, the notebooks.
+
+Unit tests of the probes and the per-sample helpers on hand-made tensors, then one short real
+quickstart session (ResNet test model, 1 epoch on a few batches: MRL, the standard model as
+``--model.ff_dim 96``, each tested; ``mrl-vision truncate`` of the standard model) that the report
+command and both notebooks run against. The notebooks execute headless through nbclient.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from conftest import REPO_ROOT, TEST_RESNET_NESTING, TEST_RESNET_WIDTH
+from mrl_vision import MatryoshkaClassifier, analysis, report
+from mrl_vision.cli import cli, main
+from mrl_vision.truncation import fit_linear_probe, probe_accuracy, svd_basis, truncation_table
+
+NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- FF in one override
+def test_ff_dim_is_one_override():
+    """`ff_dim` does not turn an MRL config into the FF baseline at that size, or accepts a bad size."""
+    m = MatryoshkaClassifier(num_classes=10, backbone="test_resnet", head="mrl", nesting=[8, 16, 96], ff_dim=16)
+    assert m.head_kind == "ff" and m.nesting == [16]
+    assert MatryoshkaClassifier(num_classes=10, backbone="test_resnet", head="ff_projection", ff_dim=8).head_kind == "ff_projection"
+    for bad in (0, TEST_RESNET_WIDTH + 1, 2.5, True):
+        with pytest.raises(ValueError, match="ff_dim"):
+            MatryoshkaClassifier(num_classes=10, backbone="test_resnet", ff_dim=bad)
+
+
+# ----------------------------------------------------------------------------- probes
+def test_linear_probe_separates_separable_data():
+    """The L-BFGS probe does not fit linearly separable classes (or mislabels them)."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 6, generator=g) * 4
+    y = torch.arange(400) % 4
+    x = centres[y] + 0.3 * torch.randn(400, 6, generator=g)
+    assert probe_accuracy(x[:300], y[:300], x[300:], y[300:], 4) == 1.0
+    w, b = fit_linear_probe(x, y, 4)
+    assert w.shape == (4, 6) and b.shape == (4,)
+    with pytest.raises(ValueError, match="labels must be in"):
+        fit_linear_probe(x, y + 1, 4)
+
+
+def test_svd_basis_orders_directions_by_variance():
+    """The SVD basis is not orthonormal or does not put the high-variance direction first."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 5, generator=g) * torch.tensor([0.1, 0.2, 5.0, 0.3, 1.0])
+    mean, basis = svd_basis(x)
+    assert torch.allclose(basis.T @ basis, torch.eye(5), atol=1e-4)
+    assert basis[:, 0].abs().argmax() == 2 and basis[:, 1].abs().argmax() == 4
+
+
+def test_truncation_table_prefix_vs_svd():
+    """The prefix probe does not suffer when the signal sits in the last coordinates (and SVD does not recover it)."""
+    g = torch.Generator().manual_seed(2)
+    y = torch.arange(600) % 3
+    signal = torch.nn.functional.one_hot(y, 3).float() * 6
+    z = torch.cat([0.1 * torch.randn(600, 13, generator=g), signal + 0.5 * torch.randn(600, 3, generator=g)], 1)
+    rows = truncation_table(z[:450], y[:450], z[450:], y[450:], [2, 16], 3)
+    assert [r["dims"] for r in rows] == [2, 16]
+    assert rows[0]["prefix_top1"] < 60 and rows[0]["svd_top1"] > 95  # 2 noise coordinates vs the 2 top directions
+    assert rows[1]["prefix_top1"] > 95 and rows[1]["svd_top1"] > 95
+    with pytest.raises(ValueError, match="sizes must be integers"):
+        truncation_table(z[:450], y[:450], z[450:], y[450:], [0, 17], 3)
+
+
+# ----------------------------------------------------------------------------- per-sample helpers
+def test_per_class_and_misclassified_on_hand_made_logits():
+    """Per-class accuracy, the most misclassified classes or the exit histogram are wrong on a hand-made case."""
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    small = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 2, 2, 1]), 3).float() * 3  # class 1 always wrong
+    large = torch.nn.functional.one_hot(labels, 3).float() * 3
+    logits = torch.stack([small, large])
+    acc = analysis.per_class_accuracy(logits, labels, [8, 16], 8)
+    assert acc.tolist() == [50.0, 0.0, 50.0]
+    assert analysis.per_class_accuracy(logits, labels, [8, 16], 16).tolist() == [100.0, 100.0, 100.0]
+    worst = analysis.most_misclassified(logits, labels, [8, 16], 8, classes=["a", "b", "c"], k=2)
+    assert worst[0] == {"class": "b", "samples": 2, "errors": 2, "error %": 100.0, "taken for": "c"}
+    assert len(worst) == 2
+    with pytest.raises(ValueError, match="dims=32"):
+        analysis.per_class_accuracy(logits, labels, [8, 16], 32)
+    # softmax of 3 vs 0 logits: confidence 0.9094 at size 8 for every sample; a threshold of 0.95 sends all on
+    sizes, counts = analysis.exit_sizes(logits, [0.5], [8, 16])
+    assert counts == {8: 6, 16: 0} and sizes.tolist() == [8] * 6
+    assert analysis.exit_sizes(logits, [0.95], [8, 16])[1] == {8: 0, 16: 6}
+
+
+# ----------------------------------------------------------------------------- a real session
+def _fit_and_test(runs: Path, version: str, *extra: str) -> None:
+    common = ["--model.backbone", "test_resnet", "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+              "--trainer.logger.init_args.save_dir", str(runs.parent), "--trainer.logger.init_args.name", runs.name,
+              "--data.init_args.batch_size", "64", *extra]
+    cli(["fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "6",
+         "--trainer.num_sanity_val_steps", "0", "--trainer.logger.init_args.version", version])
+    cli(["test", *common, "--ckpt_path", str(runs / version / "checkpoints" / "last.ckpt"),
+         "--trainer.logger.init_args.version", f"{version}-test"])
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> Path:
+    """runs/q/{mrl, mrl-test, ff96, ff96-test, truncated}: a short real quickstart session."""
+    work = tmp_path_factory.mktemp("analysis")
+    old, argv = os.getcwd(), sys.argv
+    os.chdir(work)
+    sys.argv = ["mrl-vision"]  # LightningCLI(args=...) must not also see pytest's arguments
+    try:
+        runs = work / "runs" / "q"
+        _fit_and_test(runs, "mrl")
+        _fit_and_test(runs, "ff96", "--model.ff_dim", str(TEST_RESNET_WIDTH))
+        main(["truncate", "--ckpt_path", str(runs / "ff96" / "checkpoints" / "last.ckpt"), "--out", str(runs / "truncated"),
+              "--sizes", "8", "16", "96", "--data.init_args.batch_size", "256"])
+    finally:
+        os.chdir(old)
+        sys.argv = argv
+    return runs
+
+
+@pytest.mark.slow
+def test_truncate_command_writes_probe_table(session):
+    """`mrl-vision truncate` does not write one row per size with accuracies, or its metadata."""
+    rows = _read_csv(session / "truncated" / "truncation.csv")
+    assert [int(r["dims"]) for r in rows] == [8, 16, 96]
+    for r in rows:
+        assert 0 <= float(r["prefix_top1"]) <= 100 and 0 <= float(r["svd_top1"]) <= 100
+    meta = json.loads((session / "truncated" / "truncation.json").read_text())
+    assert meta["head"] == "ff" and meta["width"] == TEST_RESNET_WIDTH and meta["num_fit"] == 4000 and meta["num_eval"] == 500
+    # the full-width probe matches or beats chance by far on real digits, even after 6 steps
+    assert float(rows[-1]["prefix_top1"]) > 30
+
+
+@pytest.mark.slow
+def test_report_command(session, tmp_path, capsys):
+    """`mrl-vision report` does not combine the runs into one figure and table with the right curves."""
+    out = tmp_path / "report"
+    main(["report", str(session / "mrl-test"), str(session / "ff96-test"), str(session / "truncated"),
+          str(session / "mrl"), "--out", str(out)])
+    printed = capsys.readouterr().out
+    for name in ("accuracy_vs_dims.png", "accuracy_vs_dims.csv", "accuracy_vs_dims.md", "adaptive.png", "adaptive.md"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    table = _read_csv(out / "accuracy_vs_dims.csv")
+    assert [int(r["dims"]) for r in table] == sorted(set(TEST_RESNET_NESTING) | {8, 16, 96})
+    cols = set(table[0])
+    assert {"FF", "standard, first m dims + linear probe", "standard, SVD to m dims + linear probe"} <= cols
+    assert any(c.startswith("MRL (") for c in cols)  # two MRL runs (tested and validated): told apart by folder
+    tested = {int(r["dims"]): float(r["top1"]) for r in _read_csv(session / "mrl-test" / "test_accuracy.csv")}
+    mrl_col = "MRL (mrl-test)"
+    assert {int(r["dims"]): float(r[mrl_col]) for r in table} == pytest.approx(tested)
+    ff = {int(r["dims"]): r["FF"] for r in table}
+    assert ff[96] != "" and ff[8] == ""  # one FF model, at 96
+    assert "| dims |" in printed and "adaptive classification" in printed
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["report", str(tmp_path / "missing"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="no per-size accuracies"):
+        main(["report", str(tmp_path), "--out", str(out)])
+
+
+def test_committed_notebooks_carry_no_outputs():
+    """A committed notebook holds outputs or execution counts (they rot and bloat diffs)."""
+    assert [p.name for p in NOTEBOOKS] == ["accuracy_vs_dims.ipynb", "adaptive_classification.ipynb"]
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert cell.outputs == [] and cell.execution_count is None, path.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_executes_headless(path, session, monkeypatch):
+    """A notebook fails against a real session's runs (it has rotted against the library)."""
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("MRL_VISION_RUNS", str(session))
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = json.dumps([o.get("data", {}).get("text/plain", o.get("text", "")) for o in outputs])
+    assert any(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs)  # figures drawn
+    if path.stem == "accuracy_vs_dims":
+        assert "FF" in text and "top-1 % at 8" in text
+    else:
+        assert "cascade:" in text and "taken for" in text
