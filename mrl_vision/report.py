@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from pathlib import Path
 from typing import Mapping
@@ -154,11 +155,7 @@ def load_run(run_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"run folder {str(d)!r} does not exist")
     if (d / "truncation.csv").is_file():
         rows = _read_csv_rows(d / "truncation.csv")
-        meta = {}
-        if (d / "truncation.json").is_file():
-            import json
-
-            meta = json.loads((d / "truncation.json").read_text())
+        meta = json.loads((d / "truncation.json").read_text()) if (d / "truncation.json").is_file() else {}
         # a fixed-feature head at the full width is the standard model
         base = "standard" if meta.get("head", "ff") == "ff" else HEAD_LABELS.get(meta["head"], meta["head"])
         series = {

@@ -446,6 +446,18 @@ def test_eval_pipeline_is_deterministic(colours):
     assert torch.equal(x3, x1) and torch.equal(y3, y1)
 
 
+def test_eval_dataloader_reads_training_split_for_evaluation(colours):
+    """eval_dataloader('train') is augmented, shuffled or incomplete (features for probes need neither)."""
+    dm = make_dm(colours, drop_last=True, hflip=True)
+    x1, y1, sizes = collect(dm.eval_dataloader("train", batch_size=6))
+    x2, y2, _ = collect(dm.eval_dataloader("train"))
+    assert sizes == [6, 6, 3] and x1.shape == (15, 3, 24, 24)  # every sample, eval size, no drop_last
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)  # deterministic: no crop, flip or shuffle
+    assert y1.tolist() == file_labels(colours.train)  # in file order
+    with pytest.raises(ValueError, match="unknown split 'predict'"):
+        dm.eval_dataloader("predict")
+
+
 def test_drop_last_drops_incomplete_training_batch(colours):
     """drop_last=True yields a short last training batch, or repeats samples."""
     loader = make_dm(colours, drop_last=True).train_dataloader()

@@ -164,9 +164,10 @@ class FFCVDataModule(L.LightningDataModule):
             self._warned_workers = True
         return max(1, min(self.hparams.num_workers, cores))
 
-    def make_loader(self, split: str, augment: bool = True):
+    def make_loader(self, split: str, augment: bool = True, batch_size: int | None = None):
         """The FFCV ``Loader`` of ``split`` (``train``, ``val``, ``test`` or ``predict``); the training
-        split is augmented and shuffled unless ``augment=False`` (then read as for evaluation)."""
+        split is augmented and shuffled unless ``augment=False`` (then read as for evaluation);
+        ``batch_size`` overrides the configured one."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -209,7 +210,7 @@ class FFCVDataModule(L.LightningDataModule):
         return Loader(
             str(path),
             indices=indices,
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            batch_size=batch_size or (hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)),
             num_workers=self.workers(),
             os_cache=hp.os_cache,
             order=order if train else OrderOption.SEQUENTIAL,
@@ -236,9 +237,7 @@ class FFCVDataModule(L.LightningDataModule):
         """``split`` read as for evaluation (center crop, in order, unsharded): features for linear probes."""
         if split not in ("train", "val", "test"):
             raise ValueError(f"unknown split {split!r}; choose train, val or test")
-        if batch_size is not None:
-            self.hparams.eval_batch_size = batch_size
-        return self.make_loader(split, augment=False)
+        return self.make_loader(split, augment=False, batch_size=batch_size)
 
     # ------------------------------------------------------------------ on the device
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
