@@ -200,15 +200,9 @@ def _cuda() -> bool:
 
 
 def truncate(args: Sequence[str]) -> list[dict]:
-    """``mrl-vision truncate``: embeddings of a checkpoint, probes per size, ``truncation.{csv,json}``."""
-    from pathlib import Path
-
-    import torch
-
-    from .files import atomic_write_text
-    from .heads import default_nesting
-    from .report import markdown_table, rows_to_csv
-    from .truncation import extract_embeddings, truncation_table
+    """``mrl-vision truncate``: probes per size on a checkpoint's embeddings, ``truncation.{csv,json}``."""
+    from .report import markdown_table
+    from .truncation import truncate_model, write_truncation
 
     a, rest = truncate_parser().parse_known_args(list(args))
     if not os.path.isfile(a.ckpt_path):
@@ -217,36 +211,20 @@ def truncate(args: Sequence[str]) -> list[dict]:
         rest = ["--config", quickstart_config(), *rest]
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and sys.argv
     try:
-        parsed = cli([*rest, "--trainer.logger", "false"], run=False)
+        dm = cli([*rest, "--trainer.logger", "false"], run=False).datamodule
     finally:
         sys.argv = argv
-    dm = parsed.datamodule
-    if not hasattr(dm, "eval_dataloader"):
-        raise SystemExit(f"mrl-vision truncate: error: {type(dm).__name__} has no eval_dataloader(split)")
     model = MatryoshkaClassifier.load_from_checkpoint(a.ckpt_path, map_location="cpu")
-    if getattr(dm, "num_classes", model.num_classes) != model.num_classes:
-        raise SystemExit(f"mrl-vision truncate: error: the data has {dm.num_classes} classes, the checkpoint "
-                         f"{model.num_classes}")
-    sizes = a.sizes or default_nesting(model.width)
-    z_fit, y_fit = extract_embeddings(model, dm.eval_dataloader(a.fit_split), a.device)
-    z_eval, y_eval = extract_embeddings(model, dm.eval_dataloader(a.eval_split), a.device)
     try:
-        rows = truncation_table(z_fit, y_fit, z_eval, y_eval, sizes, model.num_classes, a.weight_decay)
+        rows, meta = truncate_model(model, dm, a.sizes, a.fit_split, a.eval_split, a.weight_decay, a.device)
     except ValueError as e:
         raise SystemExit(f"mrl-vision truncate: error: {e}") from None
-    with torch.no_grad():
-        own = model.head(z_eval)[-1].argmax(-1).eq(y_eval).float().mean().item()
-    out = Path(a.out)
-    atomic_write_text(out / "truncation.csv", rows_to_csv(rows))
-    meta = {"ckpt_path": a.ckpt_path, "backbone": model.hparams.backbone, "head": model.head_kind,
-            "width": model.width, "fit_split": a.fit_split, "eval_split": a.eval_split,
-            "num_fit": int(y_fit.numel()), "num_eval": int(y_eval.numel()), "weight_decay": a.weight_decay,
-            f"own_classifier_top1@{model.nesting[-1]}": 100 * own}
-    atomic_write_text(out / "truncation.json", json.dumps(meta, indent=2) + "\n")
+    meta["ckpt_path"] = a.ckpt_path
+    csv_path = write_truncation(a.out, rows, meta)
     print(f"post-hoc truncation of {a.ckpt_path} ({model.head_kind} head at {model.nesting}); probes fitted on "
           f"{meta['num_fit']} {a.fit_split} images, top-1 % on {meta['num_eval']} {a.eval_split} images:")
     print(markdown_table(rows), end="")
-    print(f"its own classifier at {model.nesting[-1]} dims: {100 * own:.2f} %; wrote {out / 'truncation.csv'}")
+    print(f"its own classifier at {model.nesting[-1]} dims: {meta['own_classifier_top1']:.2f} %; wrote {csv_path}")
     return rows
 
 

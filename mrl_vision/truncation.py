@@ -15,10 +15,15 @@ split by full-batch L-BFGS (deterministic), and scored on the evaluation split. 
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from torch.nn import functional as F
+
+from .files import atomic_write_text
 
 
 @torch.no_grad()
@@ -103,3 +108,41 @@ def truncation_table(
         svd = probe_accuracy((z_train - mean) @ v, y_train, (z_test - mean) @ v, y_test, num_classes, weight_decay)
         rows.append({"dims": int(m), "prefix_top1": 100.0 * prefix, "svd_top1": 100.0 * svd})
     return rows
+
+
+def truncate_model(
+    model, datamodule, sizes: Sequence[int] | None = None, fit_split: str = "train", eval_split: str = "test",
+    weight_decay: float = 1e-4, device: torch.device | str = "cpu",
+) -> tuple[list[dict], dict]:
+    """:func:`truncation_table` of a trained ``MatryoshkaClassifier`` on a data module's splits (read
+    through its ``eval_dataloader(split)``: evaluation transforms, in order); returns the rows and
+    metadata, the model's own classifier accuracy at its largest size on ``eval_split`` included."""
+    from .heads import default_nesting
+
+    if not hasattr(datamodule, "eval_dataloader"):
+        raise ValueError(f"{type(datamodule).__name__} has no eval_dataloader(split)")
+    if getattr(datamodule, "num_classes", model.num_classes) != model.num_classes:
+        raise ValueError(f"the data has {datamodule.num_classes} classes, the model {model.num_classes}")
+    sizes = list(sizes) if sizes else default_nesting(model.width)
+    z_fit, y_fit = extract_embeddings(model, datamodule.eval_dataloader(fit_split), device)
+    z_eval, y_eval = extract_embeddings(model, datamodule.eval_dataloader(eval_split), device)
+    rows = truncation_table(z_fit, y_fit, z_eval, y_eval, sizes, model.num_classes, weight_decay)
+    with torch.no_grad():
+        logits = model.head(z_eval.to(model.device))[-1].cpu()
+        own = logits.argmax(-1).eq(y_eval).float().mean().item()
+    meta = {"backbone": model.hparams.backbone, "head": model.head_kind, "width": model.width,
+            "largest_size": model.nesting[-1], "fit_split": fit_split, "eval_split": eval_split,
+            "num_fit": int(y_fit.numel()), "num_eval": int(y_eval.numel()), "weight_decay": weight_decay,
+            "own_classifier_top1": 100 * own}
+    return rows, meta
+
+
+def write_truncation(out_dir: str | os.PathLike, rows: list[dict], meta: dict) -> Path:
+    """``truncation.csv`` (the rows) and ``truncation.json`` (``meta``) in ``out_dir``, crash-safe;
+    returns the CSV's path (what ``mrl-vision report`` reads)."""
+    from .report import rows_to_csv
+
+    out = Path(out_dir)
+    atomic_write_text(out / "truncation.csv", rows_to_csv(rows))
+    atomic_write_text(out / "truncation.json", json.dumps(meta, indent=2) + "\n")
+    return out / "truncation.csv"
