@@ -8,7 +8,7 @@ Images per second of real training steps, in one run, for each crop size and hea
 - the model is the real ``MatryoshkaClassifier`` (timm ResNet-50 from scratch, 1000 classes,
   ``channels_last=True``, the ImageNet recipe's optimisation: SGD 0.9, weight decay 1e-4 off norms
   and biases, label smoothing 0.1, the triangular per-step LR schedule; BlurPool only with
-  ``--blurpool``, cudnn.benchmark only with ``--cudnn-benchmark``, as the configs leave it) trained by the real
+  ``--blurpool``, cuDNN autotuning only with ``--cudnn-benchmark``, which the GPU configs turn on) trained by the real
   ``lightning.Trainer`` (one GPU, ``bf16-mixed``, ``max_steps``; no logger, checkpoints, progress
   bar or validation), optionally with ``torch.compile`` (``--compile``: the backbone and the head,
   ``nn.Module.compile`` in place; the loss, metrics and logging stay eager);
@@ -329,7 +329,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, help="untimed steps first, per run (default: 10; 2 with --smoke)")
     ap.add_argument("--steps", type=int, help="timed steps per run (default: 40; 2 with --smoke)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the backbone and the head (compiled again for every run)")
-    ap.add_argument("--cudnn-benchmark", action="store_true", help="Trainer(benchmark=True) (the configs leave it off)")
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="Trainer(benchmark=True) (cuDNN autotuning; the GPU configs set it)")
     ap.add_argument("--blurpool", action="store_true", help="BlurPool anti-aliasing, as in configs/imagenet/resnet_ffcv.yaml")
     ap.add_argument("--backbone", help="timm model (default: resnet50; test_resnet with --smoke)")
     ap.add_argument("--classes", type=int, default=1000)
