@@ -121,12 +121,14 @@ class ImageFolderDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def dataset(self, split: str) -> FolderDataset:
-        """The dataset of ``train``, ``val`` or ``test`` (checked when first asked for)."""
+    def dataset(self, split: str, evaluate: bool | None = None) -> FolderDataset:
+        """The dataset of ``train``, ``val`` or ``test`` (checked when first asked for), with the
+        evaluation transform unless it is the training split (``evaluate`` overrides)."""
         path = self.split_dirs[split]
         if path not in self._samples:
             self._samples[path] = scan_split(path, self.class_to_idx)[1]
-        return FolderDataset(self._samples[path], self.train_tf if split == "train" else self.eval_tf)
+        evaluate = split != "train" if evaluate is None else evaluate
+        return FolderDataset(self._samples[path], self.eval_tf if evaluate else self.train_tf)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         # Under DDP, Lightning shards training with its DistributedSampler; evaluation uses
@@ -159,6 +161,4 @@ class ImageFolderDataModule(L.LightningDataModule):
         """``split`` with the evaluation transform, in order, unsharded (features for linear probes)."""
         if split not in self.split_dirs:
             raise ValueError(f"unknown split {split!r}; choose train, val or test")
-        dataset = self.dataset(split)
-        dataset.transform = self.eval_tf
-        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(self.dataset(split, evaluate=True), batch_size=batch_size or self.batch_size, shuffle=False, num_workers=self.num_workers)

@@ -112,7 +112,7 @@ class QuickstartDataModule(L.LightningDataModule):
             train_tf = train_transform(hp.image_size, MNIST_MEAN, MNIST_STD, scale=(0.6, 1.0), ratio=(0.85, 1.18), hflip=0.0)
         else:
             train_tf = eval_transform(hp.image_size, 1.0, MNIST_MEAN, MNIST_STD)
-        eval_tf = eval_transform(hp.image_size, 1.0, MNIST_MEAN, MNIST_STD)
+        eval_tf = self.eval_tf = eval_transform(hp.image_size, 1.0, MNIST_MEAN, MNIST_STD)
         for name, idx, tf in zip(("train", "val", "test"), split, (train_tf, eval_tf, eval_tf)):
             self.datasets[name] = DigitsDataset(images[idx], labels[idx], tf)
 
@@ -146,6 +146,5 @@ class QuickstartDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"unknown split {split!r}; choose train, val or test")
         d = self.datasets[split]
-        eval_tf = eval_transform(self.hparams.image_size, 1.0, MNIST_MEAN, MNIST_STD)
-        return DataLoader(DigitsDataset(d.images, d.labels, eval_tf), batch_size=batch_size or self.batch_size,
+        return DataLoader(DigitsDataset(d.images, d.labels, self.eval_tf), batch_size=batch_size or self.batch_size,
                           shuffle=False, num_workers=self.num_workers)
