@@ -18,11 +18,11 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Sequence
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from .base import MatryoshkaDataModule, require_at_least
 from .beton import check_beton, require_ffcv
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -41,7 +41,7 @@ def precision_dtype(precision: str | int | None) -> torch.dtype:
     return torch.float32
 
 
-class FFCVDataModule(L.LightningDataModule):
+class FFCVDataModule(MatryoshkaDataModule):
     """FFCV loaders for ``.beton`` files written by ``mrl-vision prepare``.
 
     Args:
@@ -74,6 +74,8 @@ class FFCVDataModule(L.LightningDataModule):
         dm.num_classes  # from the sidecar: 1000
     """
 
+    resizable = True
+
     def __init__(
         self,
         train_path: str | None = None,
@@ -105,13 +107,11 @@ class FFCVDataModule(L.LightningDataModule):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if order == "quasi_random" and distributed:
             raise ValueError("order='quasi_random' does not work with distributed=True; use order='random'")
-        for name, value in (("batch_size", batch_size), ("image_size", image_size), ("eval_image_size", eval_image_size), ("num_workers", num_workers)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        require_at_least(1, batch_size=batch_size, image_size=image_size, eval_image_size=eval_image_size,
+                         num_workers=num_workers, batches_ahead=batches_ahead)
         if not 0.0 < eval_crop_ratio <= 1.0:
             raise ValueError(f"eval_crop_ratio must be in (0, 1], got {eval_crop_ratio}")
-        if batches_ahead < 1:
-            raise ValueError(f"batches_ahead must be >= 1, got {batches_ahead}")
+        mean, std = [float(v) for v in mean], [float(v) for v in std]  # hparams: YAML lists
         self.save_hyperparameters(ignore=["num_classes"])  # the model logs the real num_classes
         test_path = test_path or val_path
         self.paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path or test_path}
@@ -122,16 +122,13 @@ class FFCVDataModule(L.LightningDataModule):
         classes = {tuple(i["classes"]) for i in self.info.values()}
         if len(classes) > 1:
             raise ValueError(f"the FFCV files disagree on their classes: {sorted(given.values())}")
-        self.classes = list(next(iter(classes)))
-        self.image_size = image_size
+        self.class_names = list(next(iter(classes)))
+        self.image_size = image_size  # of training (ProgressiveResizing changes it)
+        self.input_size, self.mean, self.std = eval_image_size, mean, std
         self._warned_workers = False
         self._decoders: list[Any] = []  # training RandomResizedCrop decoders (resized between epochs)
         self._mean = torch.tensor(mean) * 255
         self._std = torch.tensor(std) * 255
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     # ------------------------------------------------------------------ resolution
     def set_train_resolution(self, size: int) -> None:
@@ -146,9 +143,6 @@ class FFCVDataModule(L.LightningDataModule):
     def _device(self) -> torch.device:
         trainer = self.trainer if self._trainer_attached() else None
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-
-    def _trainer_attached(self) -> bool:
-        return getattr(self, "trainer", None) is not None
 
     def _distributed(self) -> bool:
         if self.hparams.distributed is not None:
@@ -235,8 +229,7 @@ class FFCVDataModule(L.LightningDataModule):
 
     def eval_dataloader(self, split: str, batch_size: int | None = None):
         """``split`` read as for evaluation (center crop, in order, unsharded): features for linear probes."""
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"unknown split {split!r}; choose train, val or test")
+        self._check_split(split)
         return self.make_loader(split, augment=False, batch_size=batch_size)
 
     # ------------------------------------------------------------------ on the device

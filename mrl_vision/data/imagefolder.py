@@ -9,12 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
-from .sampler import eval_sampler
+from .base import MatryoshkaDataModule, require_at_least
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 
@@ -61,7 +60,7 @@ class FolderDataset(Dataset):
         return self.transform(default_loader(path)), target
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(MatryoshkaDataModule):
     """Image folders through torchvision: RandomResizedCrop + flip for training, resize + center
     crop (ratio ``eval_crop_ratio``, 224/256 as for ImageNet) for evaluation.
 
@@ -82,6 +81,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         dm.num_classes  # 1000
     """
 
+    drop_last_train = True
+
     def __init__(
         self,
         root: str,
@@ -99,66 +100,29 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin_memory: bool = True,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
+        require_at_least(1, batch_size=batch_size, image_size=image_size)
+        mean, std = [float(v) for v in mean], [float(v) for v in std]  # hparams: YAML lists
         self.save_hyperparameters()
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"data root {root!r} does not exist")
         train_path = self.root / train_dir
         ref = train_path if train_path.is_dir() else self.root / val_dir
-        self.classes, samples = scan_split(ref)
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.class_names, samples = scan_split(ref)
+        self.class_to_idx = {c: i for i, c in enumerate(self.class_names)}
         self.split_dirs = {"train": train_path, "val": self.root / val_dir, "test": self.root / (test_dir or val_dir)}
         self._samples = {ref: samples}  # scanned once per folder
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.input_size, self.mean, self.std = image_size, mean, std
         self.train_tf = train_transform(image_size, mean, std, scale=tuple(rrc_scale), hflip=hflip)
         self.eval_tf = eval_transform(image_size, eval_crop_ratio, mean, std)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
 
     def dataset(self, split: str, evaluate: bool | None = None) -> FolderDataset:
         """The dataset of ``train``, ``val`` or ``test`` (checked when first asked for), with the
         evaluation transform unless it is the training split (``evaluate`` overrides)."""
+        self._check_split(split)
         path = self.split_dirs[split]
         if path not in self._samples:
             self._samples[path] = scan_split(path, self.class_to_idx)[1]
         evaluate = split != "train" if evaluate is None else evaluate
         return FolderDataset(self._samples[path], self.eval_tf if evaluate else self.train_tf)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        # Under DDP, Lightning shards training with its DistributedSampler; evaluation uses
-        # unpadded shards so that every sample counts once.
-        dataset = self.dataset(split)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=None if split == "train" else eval_sampler(dataset, self.trainer),
-            drop_last=split == "train",
-            num_workers=self.num_workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
-        """``split`` with the evaluation transform, in order, unsharded (features for linear probes)."""
-        if split not in self.split_dirs:
-            raise ValueError(f"unknown split {split!r}; choose train, val or test")
-        return DataLoader(self.dataset(split, evaluate=True), batch_size=batch_size or self.batch_size, shuffle=False, num_workers=self.num_workers)

