@@ -73,7 +73,7 @@ results-train: $(STAMP)
 		$(TEST) --ckpt_path $(RESULTS)/quickstart/$$h/checkpoints/last.ckpt --trainer.logger.init_args.version $$h-test \
 		|| exit 1; done
 	for m in $(FF_SIZES); do \
-		$(RUN) --model.ff_dim $$m --trainer.logger.init_args.version ff$$m && \
+		$(RUN) --model.head ff --model.dims '[$$m]' --trainer.logger.init_args.version ff$$m && \
 		$(TEST) --ckpt_path $(RESULTS)/quickstart/ff$$m/checkpoints/last.ckpt --trainer.logger.init_args.version ff$$m-test \
 		|| exit 1; done
 

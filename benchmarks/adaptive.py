@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from mrl_vision import adaptive as A
-from mrl_vision.model import MatryoshkaClassifier
+from mrl_vision.model import MatryoshkaModel
+from mrl_vision.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,13 +42,12 @@ def load(ckpt: str | None, config: str | None, epochs: int, workdir: Path):
     if ckpt is None:
         c = cli(["fit", *base, "--trainer.max_epochs", str(epochs)])
         ckpt = c.trainer.checkpoint_callback.last_model_path
-    c = cli(base, run=False)  # the data module, built from the same config
-    model = MatryoshkaClassifier.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    return model, c.datamodule, ckpt
+    model, dm = load_run(ckpt, base)  # the data module, built from the same config
+    return model, dm, ckpt
 
 
 @torch.no_grad()
-def collect(model: MatryoshkaClassifier, loader, transfer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+def collect(model: MatryoshkaModel, loader, transfer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
     """conf [G, N], preds [G, N], labels [N] and the input batches (for the timing runs)."""
     confs, preds, labels, batches = [], [], [], []
     for batch in loader:
@@ -71,7 +71,7 @@ def timed(fn, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", default=None, help="a MatryoshkaClassifier checkpoint (default: train the quickstart)")
+    ap.add_argument("--ckpt", default=None, help="a checkpoint of mrl-vision fit (default: train the quickstart)")
     ap.add_argument("--config", default=None, help="config whose data module to evaluate on (default: quickstart)")
     ap.add_argument("--epochs", type=int, default=12, help="quickstart epochs when training here")
     ap.add_argument("--repeats", type=int, default=5)
@@ -87,25 +87,25 @@ def main() -> None:
         batch = dm.on_after_batch_transfer(batch, 0) if hasattr(dm, "on_after_batch_transfer") else batch
         return batch[0], batch[1]
 
-    nesting = list(model.nesting)
-    d = nesting[-1]
+    dims = list(model.dims)
+    d = dims[-1]
     cv, pv, yv, _ = collect(model, dm.val_dataloader(), transfer)
     ct, pt, yt, batches = collect(model, dm.test_dataloader(), transfer)
     largest = float(pt[-1].eq(yt).double().mean())
-    print(f"checkpoint {ckpt}; {model.hparams.backbone} {model.hparams.head}, nesting {nesting}")
+    print(f"checkpoint {ckpt}; {model.backbone_name} {model.head_kind}, dims {dims}")
     print(f"calibration: validation split, {yv.numel()} images; evaluation: test split, {yt.numel()} images")
-    print("fixed sizes, test top-1 %: " + ", ".join(f"{m}: {100 * float(pt[g].eq(yt).double().mean()):.2f}" for g, m in enumerate(nesting)))
+    print("fixed sizes, test top-1 %: " + ", ".join(f"{m}: {100 * float(pt[g].eq(yt).double().mean()):.2f}" for g, m in enumerate(dims)))
 
-    fits: dict[str, torch.Tensor] = {"pairwise (reference)": A.fit_pairwise(cv, pv, yv, nesting)}
+    fits: dict[str, torch.Tensor] = {"pairwise (reference)": A.fit_pairwise(cv, pv, yv, dims)}
     for tol in (0.005, 0.001):
-        fits[f"tolerance {100 * tol:.1f} pt"] = A.fit_tolerance(cv, pv, yv, nesting, tolerance=tol)
-    for budget in (nesting[0] * 1.5, nesting[1] * 1.5, nesting[2] * 1.5):
-        fits[f"budget {budget:g} dims"] = A.fit_budget(cv, pv, yv, nesting, budget=budget)
+        fits[f"tolerance {100 * tol:.1f} pt"] = A.fit_tolerance(cv, pv, yv, dims, tolerance=tol)
+    for budget in (dims[0] * 1.5, dims[1] * 1.5, dims[2] * 1.5):
+        fits[f"budget {budget:g} dims"] = A.fit_budget(cv, pv, yv, dims, budget=budget)
 
     print(f"\n== Cascades fitted on validation, evaluated on test (largest size {d}: {100 * largest:.2f} %) ==")
     print(f"{'method':<28}{'top-1 %':>9}{'exp. dims':>11}{'head cost':>11}{f'{d}/dims':>9}{'<=0.5 pt':>10}{'<=0.1 pt':>10}")
     for name, thr in fits.items():
-        r = A.evaluate_cascade(ct, pt, yt, nesting, thr)
+        r = A.evaluate_cascade(ct, pt, yt, dims, thr)
         drop = 100 * (largest - r.accuracy)
         print(f"{name:<28}{100 * r.accuracy:>9.2f}{r.expected_dims:>11.2f}{r.expected_head_cost:>11.2f}"
               f"{d / r.expected_dims:>9.1f}{'yes' if drop <= 0.5 + 1e-9 else 'no':>10}{'yes' if drop <= 0.1 + 1e-9 else 'no':>10}")
@@ -115,8 +115,6 @@ def main() -> None:
     x_all = torch.cat(batches)
     with torch.no_grad():
         zs = [model.features(x_all)]
-        if model.hparams.eval_flip_tta:
-            zs.append(model.features(x_all.flip(-1)))
 
         def head_full():
             return sum(model.head.logits_at(z, d) for z in zs).argmax(-1)
@@ -126,8 +124,7 @@ def main() -> None:
 
         def e2e_full():
             for x in batches:
-                views = [x, x.flip(-1)] if model.hparams.eval_flip_tta else [x]
-                sum(model.head.logits_at(model.features(v), d) for v in views).argmax(-1)
+                model.head.logits_at(model.features(x), d).argmax(-1)
 
         def e2e_cascade():
             for x in batches:

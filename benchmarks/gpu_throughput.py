@@ -3,8 +3,8 @@
 Images per second of real training steps, in one run, for each crop size and head:
 
 - heads: ``plain`` = the standard model (``head="ff"`` with the full width as its one size,
-  ``nesting=[2048]``: one ``Linear(2048, 1000)`` on the whole embedding), ``mrl`` (a classifier per
-  prefix, nesting 8..2048) and ``mrl_e`` (one shared classifier, all sizes in one pass);
+  ``dims=[2048]``: one ``Linear(2048, 1000)`` on the whole embedding), ``mrl`` (a classifier per
+  prefix, dims 8..2048) and ``mrl_e`` (one shared classifier, all sizes in one pass);
 - the model is the real ``MatryoshkaClassifier`` (timm ResNet-50 from scratch, 1000 classes,
   ``channels_last=True``, the ImageNet recipe's optimisation: SGD 0.9, weight decay 1e-4 off norms
   and biases, label smoothing 0.1, the triangular per-step LR schedule; BlurPool only with
@@ -240,17 +240,16 @@ def ffcv_data_module(args, beton: Path) -> L.LightningDataModule:
 
 def run_one(args, data: str, size: int, head: str, dm: L.LightningDataModule | None) -> dict[str, float]:
     """Train ``warmup + steps`` steps of a fresh model, from ``dm`` (FFCV) or a resident batch; the timer's figures."""
-    from mrl_vision.model import MatryoshkaClassifier
+    from mrl_vision import MatryoshkaClassifier
 
     torch.manual_seed(args.seed)
     model = MatryoshkaClassifier(
-        num_classes=args.classes, backbone=args.backbone, head=HEADS[head], nesting=None,
-        backbone_kwargs={"aa_layer": "blurpool"} if args.blurpool else None,
+        num_classes=args.classes, backbone=args.backbone, head=HEADS[head], dims=None, blurpool=args.blurpool,
         label_smoothing=0.1, optimizer="sgd", lr=0.2125, momentum=0.9, weight_decay=1e-4,
         lr_schedule="triangular", warmup_epochs=2, channels_last=True,
     )
-    if head == "plain" and model.nesting != [model.width]:
-        raise RuntimeError(f"the plain head should classify the full width {model.width}, got nesting {model.nesting}")
+    if head == "plain" and model.model.dims != [model.model.width]:
+        raise RuntimeError(f"the plain head should classify the full width {model.model.width}, got dims {model.model.dims}")
     steps = args.warmup + args.steps
     if data == "ffcv":
         dm.set_train_resolution(size)
@@ -258,8 +257,8 @@ def run_one(args, data: str, size: int, head: str, dm: L.LightningDataModule | N
         dm = resident_batches(size, args.batch_size, args.classes, steps, torch.device(args.device), args.seed)
     if args.compile:  # backbone and head; the loss, metrics and logging stay eager
         torch._dynamo.reset()  # else every fresh model recompiles the same functions until dynamo's limit (8): then eager
-        model.backbone.compile()
-        model.head.compile()
+        model.model.backbone.compile()
+        model.model.head.compile()
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=args.precision,

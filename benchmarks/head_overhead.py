@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from torch.utils import benchmark
 
 from mrl_vision.backbones import create_backbone
-from mrl_vision.heads import MatryoshkaHead, default_nesting
+from mrl_vision.heads import MatryoshkaHead, default_dims
 from mrl_vision.losses import MatryoshkaLoss
 
 
@@ -35,11 +35,11 @@ def step_times(backbone_name: str, num_classes: int, image_size: int, batch: int
     """Median and min step time of each variant, and each head's own forward + backward time."""
     torch.manual_seed(0)
     backbone, width = create_backbone(backbone_name)
-    nesting = default_nesting(width)
+    dims = default_dims(width)
     heads = {
         "plain": (nn.Linear(width, num_classes), F.cross_entropy),
-        "MRL": (MatryoshkaHead(width, num_classes, nesting), MatryoshkaLoss(len(nesting))),
-        "MRL-E": (MatryoshkaHead(width, num_classes, nesting, efficient=True), MatryoshkaLoss(len(nesting))),
+        "MRL": (MatryoshkaHead(width, num_classes, dims), MatryoshkaLoss(len(dims))),
+        "MRL-E": (MatryoshkaHead(width, num_classes, dims, efficient=True), MatryoshkaLoss(len(dims))),
     }
     params = list(backbone.parameters()) + [p for h, _ in heads.values() for p in h.parameters()]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
@@ -78,15 +78,15 @@ def step_times(backbone_name: str, num_classes: int, image_size: int, batch: int
 
 def head_times(width: int, num_classes: int, batch: int, min_run_time: float) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
-    nesting = default_nesting(width)
+    dims = default_dims(width)
     z = torch.randn(batch, width, requires_grad=True)
     full = nn.Linear(width, num_classes)
-    fused = MatryoshkaHead(width, num_classes, nesting, efficient=True)
-    mrl = MatryoshkaHead(width, num_classes, nesting)
+    fused = MatryoshkaHead(width, num_classes, dims, efficient=True)
+    mrl = MatryoshkaHead(width, num_classes, dims)
     w, b = fused.linear.weight, fused.linear.bias
 
     def naive(z: torch.Tensor) -> torch.Tensor:
-        return torch.stack([z[:, :m] @ w[:, :m].T + b for m in nesting])
+        return torch.stack([z[:, :m] @ w[:, :m].T + b for m in dims])
 
     variants = {
         "one full-width linear": lambda: full(z),
@@ -143,7 +143,7 @@ def main() -> None:
         )
 
     width, classes, batch = head_cfg
-    print(f"\n== The head alone: z [{batch}, {width}] -> {classes} classes, {len(default_nesting(width))} sizes ==")
+    print(f"\n== The head alone: z [{batch}, {width}] -> {classes} classes, {len(default_dims(width))} sizes ==")
     res = head_times(width, classes, batch, min_t)
     base = res["one full-width linear"]
     cols = list(base)

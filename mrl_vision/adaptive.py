@@ -1,14 +1,14 @@
-"""Adaptive classification: a confidence cascade from small to large nesting sizes.
+"""Adaptive classification: a confidence cascade from small to large embedding sizes.
 
 Each sample starts at the smallest size; when its max softmax probability at size ``g`` reaches
 ``thresholds[g]`` the cascade answers there, otherwise it moves to the next size; the largest size
 always answers. Everything here works on plain tensors (no Lightning), so the callback, the CLI, the
 notebooks and the benchmark call the same functions.
 
-Shapes: ``G`` nesting sizes, ``N`` samples, ``C`` classes, ``K`` candidate cascades.
+Shapes: ``G`` sizes, ``N`` samples, ``C`` classes, ``K`` candidate cascades.
 
 - ``confidences(logits [G, N, C]) -> conf [G, N], preds [G, N]``
-- ``evaluate_cascade(conf, preds, labels, nesting, thresholds [G-1]) -> CascadeResult``
+- ``evaluate_cascade(conf, preds, labels, dims, thresholds [G-1]) -> CascadeResult``
 - ``fit_pairwise``: the reference method (one threshold per consecutive pair of sizes).
 - ``fit_tolerance`` / ``fit_budget``: the cheapest cascade within a tolerance of the largest size's
   accuracy / the most accurate cascade under an expected-dimension budget, chosen from a family of
@@ -41,7 +41,7 @@ def validate_thresholds(thresholds: Sequence[float] | torch.Tensor, num_sizes: i
     t = torch.as_tensor(thresholds, dtype=torch.float32).flatten().cpu()
     if t.numel() != num_sizes - 1:
         raise ValueError(
-            f"need one threshold per nesting size but the last ({num_sizes - 1}), got {t.numel()}: {t.tolist()}"
+            f"need one threshold per size but the last ({num_sizes - 1}), got {t.numel()}: {t.tolist()}"
         )
     for i, v in enumerate(t.tolist()):
         if not math.isfinite(v) or not 0.0 <= v <= 1.0:
@@ -63,14 +63,14 @@ def exit_index(conf: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class CascadeResult:
-    """What a cascade does on a data set (accuracy in [0, 1], dims in embedding dimensions)."""
+    """What a cascade does on a data set (accuracy in [0, 1], cost in embedding dimensions)."""
 
     thresholds: list[float]
     accuracy: float
     expected_dims: float  # sum over sizes of size x fraction exiting there
     expected_head_cost: float  # sum over sizes of size x fraction that evaluated that size
     exit_fractions: list[float] = field(default_factory=list)
-    nesting: list[int] = field(default_factory=list)
+    dims: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +80,7 @@ def evaluate_cascade(
     conf: torch.Tensor,
     preds: torch.Tensor,
     labels: torch.Tensor,
-    nesting: Sequence[int],
+    dims: Sequence[int],
     thresholds: Sequence[float] | torch.Tensor,
 ) -> CascadeResult:
     """Accuracy, expected dims, expected head cost and exit fractions of one cascade.
@@ -89,7 +89,7 @@ def evaluate_cascade(
     MRL heads; with MRL-E, whose larger sizes reuse the smaller ones' logits, it equals
     ``expected_dims``).
     """
-    nest = torch.tensor(list(nesting), dtype=torch.float64)
+    nest = torch.tensor(list(dims), dtype=torch.float64)
     t = validate_thresholds(thresholds, len(nest))
     ex = exit_index(conf, t)
     correct = preds.gather(0, ex.unsqueeze(0)).squeeze(0).eq(labels.to(preds.device))
@@ -101,20 +101,20 @@ def evaluate_cascade(
         expected_dims=float((frac * nest).sum()),
         expected_head_cost=float((passed * nest).sum()),
         exit_fractions=frac.tolist(),
-        nesting=[int(m) for m in nesting],
+        dims=[int(m) for m in dims],
     )
 
 
 # ----------------------------------------------------------------------------- fitting
-def _check_inputs(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, nesting: Sequence[int]) -> None:
+def _check_inputs(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, dims: Sequence[int]) -> None:
     if conf.shape != preds.shape or conf.ndim != 2:
         raise ValueError(f"conf and preds must both be [G, N]; got {tuple(conf.shape)} and {tuple(preds.shape)}")
     if labels.ndim != 1 or labels.shape[0] != conf.shape[1]:
         raise ValueError(f"labels must be [N={conf.shape[1]}], got {tuple(labels.shape)}")
-    if len(nesting) != conf.shape[0]:
-        raise ValueError(f"nesting has {len(nesting)} sizes but conf has {conf.shape[0]}")
-    if len(nesting) < 2:
-        raise ValueError("a cascade needs at least two nesting sizes")
+    if len(dims) != conf.shape[0]:
+        raise ValueError(f"dims has {len(dims)} sizes but conf has {conf.shape[0]}")
+    if len(dims) < 2:
+        raise ValueError("a cascade needs at least two sizes")
     if conf.shape[1] == 0:
         raise ValueError("cannot fit thresholds on an empty calibration set")
 
@@ -123,14 +123,14 @@ def fit_pairwise(
     conf: torch.Tensor,
     preds: torch.Tensor,
     labels: torch.Tensor,
-    nesting: Sequence[int],
+    dims: Sequence[int],
     grid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference method: for each consecutive pair (g, g+1), the threshold on size g's
     confidence that maximises the accuracy of the two-size cascade (g answers when confident, g+1
     otherwise), the smallest such threshold on ties. ``grid`` defaults to 0.00, 0.01, ..., 1.00.
     Returns thresholds ``[G-1]``."""
-    _check_inputs(conf, preds, labels, nesting)
+    _check_inputs(conf, preds, labels, dims)
     grid = torch.linspace(0, 1, 101) if grid is None else grid.float().cpu()
     correct = preds.eq(labels.to(preds.device)).cpu()
     conf = conf.float().cpu()
@@ -154,7 +154,7 @@ def cascade_family(
     conf: torch.Tensor,
     preds: torch.Tensor,
     labels: torch.Tensor,
-    nesting: Sequence[int],
+    dims: Sequence[int],
     lambdas: Sequence[float] | None = None,
     points: int = 64,
     sweeps: int = 2,
@@ -166,10 +166,10 @@ def cascade_family(
     data (``d`` the largest size), each threshold chosen from confidence quantiles; the solution
     of one ``lam`` starts the next. Plus, for reference, the cascades with one shared threshold.
     """
-    _check_inputs(conf, preds, labels, nesting)
+    _check_inputs(conf, preds, labels, dims)
     conf = conf.float().cpu()
     correct = preds.eq(labels.to(preds.device)).cpu()
-    nest = torch.tensor(list(nesting), dtype=torch.float64)
+    nest = torch.tensor(list(dims), dtype=torch.float64)
     lambdas = [0.0, *torch.logspace(-4, 1, 40).tolist()] if lambdas is None else list(lambdas)
     cands = _candidate_grid(conf, points)  # [G-1, T]
     g1, t_count = cands.shape
@@ -180,10 +180,10 @@ def cascade_family(
             for g in range(g1):
                 trial = thr.repeat(t_count, 1)
                 trial[:, g] = cands[g]
-                acc, dims = _family_metrics(conf, correct, nest, trial)
-                score = acc - lam * dims / float(nest[-1])
+                acc, cost = _family_metrics(conf, correct, nest, trial)
+                score = acc - lam * cost / float(nest[-1])
                 best = torch.nonzero(score >= score.max() - 1e-12).flatten()
-                thr = trial[best[dims[best].argmin()]].clone()  # cheapest among the best
+                thr = trial[best[cost[best].argmin()]].clone()  # cheapest among the best
         found.append(thr.clone())
     shared = torch.linspace(0, 1, 101).unsqueeze(1).repeat(1, g1)
     return torch.cat([torch.stack(found), shared])
@@ -196,20 +196,20 @@ def _family_metrics(conf: torch.Tensor, correct: torch.Tensor, nest: torch.Tenso
 
 
 def scored_family(
-    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, nesting: Sequence[int], **family_kw
+    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, dims: Sequence[int], **family_kw
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``cascade_family`` with each cascade's accuracy and expected dims on the same data, and the
-    per-size correctness ``[G, N]``: ``(family [K, G-1], acc [K], dims [K], correct)``."""
-    fam = cascade_family(conf, preds, labels, nesting, **family_kw)
+    per-size correctness ``[G, N]``: ``(family [K, G-1], acc [K], cost [K], correct)``."""
+    fam = cascade_family(conf, preds, labels, dims, **family_kw)
     correct = preds.eq(labels.to(preds.device)).cpu()
-    acc, dims = _family_metrics(conf.float().cpu(), correct, torch.tensor(list(nesting), dtype=torch.float64), fam)
-    return fam, acc, dims, correct
+    acc, cost = _family_metrics(conf.float().cpu(), correct, torch.tensor(list(dims), dtype=torch.float64), fam)
+    return fam, acc, cost, correct
 
 
-def pareto_front(acc: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+def pareto_front(acc: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     """Indices of the points no other point beats on both accuracy (higher) and dims (lower),
-    sorted by dims."""
-    order = sorted(range(len(acc)), key=lambda i: (float(dims[i]), -float(acc[i])))
+    sorted by expected dims."""
+    order = sorted(range(len(acc)), key=lambda i: (float(cost[i]), -float(acc[i])))
     keep, best = [], -math.inf
     for i in order:
         if float(acc[i]) > best + 1e-12:
@@ -219,39 +219,39 @@ def pareto_front(acc: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
 
 
 def fit_tolerance(
-    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, nesting: Sequence[int], tolerance: float = 0.005, **family_kw
+    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, dims: Sequence[int], tolerance: float = 0.005, **family_kw
 ) -> torch.Tensor:
     """The cascade with the fewest expected dims whose accuracy on the given data is at least the
     largest size's accuracy minus ``tolerance`` (a fraction: 0.005 = half a point)."""
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be finite and >= 0, got {tolerance}")
-    fam, acc, dims, correct = scored_family(conf, preds, labels, nesting, **family_kw)
+    fam, acc, cost, correct = scored_family(conf, preds, labels, dims, **family_kw)
     target = float(correct[-1].double().mean()) - tolerance
     ok = torch.nonzero(acc >= target - 1e-12).flatten()
     if not len(ok):  # unreachable in practice: "always the largest" meets any tolerance
-        return torch.ones(len(nesting) - 1)
-    return fam[ok[dims[ok].argmin()]]
+        return torch.ones(len(dims) - 1)
+    return fam[ok[cost[ok].argmin()]]
 
 
 def fit_budget(
-    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, nesting: Sequence[int], budget: float, **family_kw
+    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, dims: Sequence[int], budget: float, **family_kw
 ) -> torch.Tensor:
     """The most accurate cascade whose expected dims on the given data stay within ``budget``."""
-    if not math.isfinite(budget) or budget < min(nesting):
-        raise ValueError(f"budget must be at least the smallest size {min(nesting)}, got {budget}")
-    fam, acc, dims, correct = scored_family(conf, preds, labels, nesting, **family_kw)
-    ok = torch.nonzero(dims <= budget + 1e-9).flatten()
+    if not math.isfinite(budget) or budget < min(dims):
+        raise ValueError(f"budget must be at least the smallest size {min(dims)}, got {budget}")
+    fam, acc, cost, correct = scored_family(conf, preds, labels, dims, **family_kw)
+    ok = torch.nonzero(cost <= budget + 1e-9).flatten()
     if not len(ok):
-        return torch.zeros(len(nesting) - 1)  # everything exits at the smallest size
+        return torch.zeros(len(dims) - 1)  # everything exits at the smallest size
     best = torch.nonzero(acc[ok] >= acc[ok].max() - 1e-12).flatten()
-    return fam[ok[best[dims[ok][best].argmin()]]]
+    return fam[ok[best[cost[ok][best].argmin()]]]
 
 
 def fit_thresholds(
     conf: torch.Tensor,
     preds: torch.Tensor,
     labels: torch.Tensor,
-    nesting: Sequence[int],
+    dims: Sequence[int],
     method: str = "tolerance",
     tolerance: float = 0.005,
     budget: float | None = None,
@@ -259,38 +259,38 @@ def fit_thresholds(
 ) -> torch.Tensor:
     """Dispatch to ``fit_pairwise``, ``fit_tolerance`` or ``fit_budget`` by name."""
     if method == "pairwise":
-        return fit_pairwise(conf, preds, labels, nesting)
+        return fit_pairwise(conf, preds, labels, dims)
     if method == "tolerance":
-        return fit_tolerance(conf, preds, labels, nesting, tolerance, **family_kw)
+        return fit_tolerance(conf, preds, labels, dims, tolerance, **family_kw)
     if method == "budget":
         if budget is None:
             raise ValueError("method='budget' needs a budget (expected dimensions)")
-        return fit_budget(conf, preds, labels, nesting, budget, **family_kw)
+        return fit_budget(conf, preds, labels, dims, budget, **family_kw)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
 # ----------------------------------------------------------------------------- inference
 def cascade_predict(head, embeddings: Sequence[torch.Tensor], thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the cascade on embeddings: ``head`` is a Matryoshka head (``nesting``, ``block_logits``),
+    """Run the cascade on embeddings: ``head`` is a Matryoshka head (``dims``, ``block_logits``),
     ``embeddings`` one ``[N, d]`` tensor per view (their logits are summed, e.g. image and mirror
     image), ``thresholds [G-1]``. Returns ``(preds [N], exit_size [N])``.
 
     Size ``g`` is computed only for the samples still undecided; with MRL-E ``block_logits`` adds
     the new block's contribution to the previous size's logits instead of starting over.
     """
-    nesting = list(head.nesting)
+    dims = list(head.dims)
     z0 = embeddings[0]
     n, device = z0.shape[0], z0.device
-    thr = validate_thresholds(thresholds, len(nesting)).to(device)
+    thr = validate_thresholds(thresholds, len(dims)).to(device)
     preds = torch.empty(n, dtype=torch.long, device=device)
     sizes = torch.empty(n, dtype=torch.long, device=device)
     pending = torch.arange(n, device=device)
     zs = list(embeddings)
     prev: list[torch.Tensor | None] = [None] * len(zs)
-    for g, m in enumerate(nesting):
+    for g, m in enumerate(dims):
         prev = [head.block_logits(z, g, p) for z, p in zip(zs, prev)]
         conf, p = torch.stack(prev).sum(0).float().softmax(-1).max(-1)
-        done = conf >= thr[g] if g < len(nesting) - 1 else torch.ones_like(conf, dtype=torch.bool)
+        done = conf >= thr[g] if g < len(dims) - 1 else torch.ones_like(conf, dtype=torch.bool)
         preds[pending[done]] = p[done]
         sizes[pending[done]] = m
         keep = ~done
@@ -310,15 +310,15 @@ def tradeoff_curve(
     conf_eval: torch.Tensor,
     preds_eval: torch.Tensor,
     labels_eval: torch.Tensor,
-    nesting: Sequence[int],
+    dims: Sequence[int],
     **family_kw,
 ) -> list[dict]:
     """The cascade's trade-off: the family fitted on the ``fit`` data, its Pareto front there,
     evaluated on the ``eval`` data, beside each fixed size. Rows:
-    ``{"kind": "cascade"|"fixed", "expected_dims", "accuracy", "thresholds"}`` sorted by dims."""
-    fam, acc, dims, _ = scored_family(conf_fit, preds_fit, labels_fit, nesting, **family_kw)
-    nest = torch.tensor(list(nesting), dtype=torch.float64)
-    front = fam[pareto_front(acc, dims)]
+    ``{"kind": "cascade"|"fixed", "expected_dims", "accuracy", "thresholds"}`` sorted by expected dims."""
+    fam, acc, cost, _ = scored_family(conf_fit, preds_fit, labels_fit, dims, **family_kw)
+    nest = torch.tensor(list(dims), dtype=torch.float64)
+    front = fam[pareto_front(acc, cost)]
     correct_eval = preds_eval.eq(labels_eval.to(preds_eval.device)).cpu()
     acc_e, dims_e = _family_metrics(conf_eval.float().cpu(), correct_eval, nest, front)
     rows = [
@@ -327,7 +327,7 @@ def tradeoff_curve(
     ]
     rows += [
         {"kind": "fixed", "expected_dims": float(m), "accuracy": float(correct_eval[g].double().mean()), "thresholds": []}
-        for g, m in enumerate(nesting)
+        for g, m in enumerate(dims)
     ]
     return sorted(rows, key=lambda r: (r["kind"], r["expected_dims"]))
 

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 
 from .files import atomic_write_text
 
@@ -17,7 +18,7 @@ class PredictionWriter(BasePredictionWriter):
     """Write ``mrl-vision predict`` results to ``predictions.csv`` in the run's log directory.
 
     One row per image: its index in the predict set, its label when the data has one, then the
-    predicted class and max-softmax confidence at every nesting size (``pred@8``, ``conf@8``, ...),
+    predicted class and max-softmax confidence at every size (``pred@8``, ``conf@8``, ...),
     or with ``adaptive_predict`` the cascade's class and deciding size (``adaptive_pred``,
     ``adaptive_dims``). Under DDP each rank
     writes ``predictions.rank{R}.csv`` for its shard.
@@ -39,14 +40,14 @@ class PredictionWriter(BasePredictionWriter):
         if not outputs:
             return
         cols: dict[str, torch.Tensor] = {}
-        nesting = list(pl_module.nesting)
+        dims = list(pl_module.model.dims)
         if "target" in outputs[0]:
             cols["target"] = torch.cat([o["target"] for o in outputs]).cpu()
         if "preds" in outputs[0]:
             preds = torch.cat([o["preds"] for o in outputs]).cpu()
             conf = torch.cat([o["confidence"] for o in outputs]).cpu()
-            cols.update({f"pred@{m}": preds[:, g] for g, m in enumerate(nesting)})
-            cols.update({f"conf@{m}": conf[:, g] for g, m in enumerate(nesting)})
+            cols.update({f"pred@{m}": preds[:, g] for g, m in enumerate(dims)})
+            cols.update({f"conf@{m}": conf[:, g] for g, m in enumerate(dims)})
         for key in ("adaptive_pred", "adaptive_dims"):
             if key in outputs[0]:
                 cols[key] = torch.cat([o[key] for o in outputs]).cpu()
@@ -70,6 +71,32 @@ class PredictionWriter(BasePredictionWriter):
         print(f"wrote {n} predictions to {self.path}")
 
 
+class AccuracyReport(L.Callback):
+    """At the end of ``test``: print the per-size accuracy table and write ``test_accuracy.csv`` and
+    ``test_accuracy.png`` (log-2 axis) into the run's log directory, through :mod:`mrl_vision.report`.
+
+    ``mrl-vision test`` adds it when a config has none. ``rows`` keeps the last table
+    (``[{"dims", "top1", "top5"}]``, percent).
+    """
+
+    def __init__(self, stem: str = "test_accuracy") -> None:
+        self.stem = stem
+        self.rows: list[dict] = []
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from .report import accuracy_rows, format_table, write_accuracy_report
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        self.rows = accuracy_rows(metrics, prefix="test/")
+        out_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if trainer.is_global_zero and self.rows:
+            model = pl_module.model
+            title = f"{model.backbone_name} {model.head_kind} test accuracy"
+            rank_zero_info("\n" + format_table(self.rows, title))
+            csv_path, png_path = write_accuracy_report(self.rows, out_dir, stem=self.stem, title=title)
+            rank_zero_info(f"wrote {csv_path} and {png_path}")
+
+
 def progressive_resolution(epoch: int, min_res: int, max_res: int, start_ramp: int, end_ramp: int, step: int = 32) -> int:
     """Training resolution at ``epoch``: ``min_res`` up to ``start_ramp``, ``max_res`` from
     ``end_ramp``, linear in between rounded to a multiple of ``step`` (the reference recipe)."""
@@ -86,9 +113,9 @@ class ProgressiveResizing(L.Callback):
     ``end_ramp`` epochs (multiples of ``step``), as in the FFCV ImageNet recipe (160 -> 192 px
     between epochs 29 and 34 of 40).
 
-    Works with any data module that has ``set_train_resolution(size)`` (``FFCVDataModule``
-    changes its decoder's output size, effective from the next epoch's first batch), also when a
-    run resumes from a checkpoint mid-schedule.
+    Works with a data module whose ``resizable`` is true (``FFCVDataModule``: its
+    ``set_train_resolution`` changes the decoder's output size, effective from the next epoch's first
+    batch), also when a run resumes from a checkpoint mid-schedule.
 
     Example (YAML)::
 
@@ -111,10 +138,13 @@ class ProgressiveResizing(L.Callback):
         return progressive_resolution(epoch, self.min_res, self.max_res, self.start_ramp, self.end_ramp, self.step)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and not hasattr(trainer.datamodule, "set_train_resolution"):
+        from .data import MatryoshkaDataModule
+
+        dm = trainer.datamodule
+        if stage == "fit" and not (isinstance(dm, MatryoshkaDataModule) and dm.resizable):
             raise TypeError(
-                f"ProgressiveResizing needs a data module with set_train_resolution(); "
-                f"{type(trainer.datamodule).__name__} has none (use FFCVDataModule)"
+                f"ProgressiveResizing needs a data module that can change its training resolution; "
+                f"{type(dm).__name__} cannot (use FFCVDataModule)"
             )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -154,7 +184,7 @@ class AdaptiveClassificationCallback(L.Callback):
     as in validation. Logs ``adaptive/top1``, ``adaptive/expected_dims`` and
     ``adaptive/expected_head_cost``; rank 0 writes ``adaptive_{stage}_curve.csv`` and ``.png``
     (cascade trade-off beside the fixed sizes) into the log directory. The thresholds are stored
-    in the model's ``adaptive_thresholds`` buffer, hence in every checkpoint.
+    in the model's ``adaptive_thresholds`` buffer (``task.model``), hence in every checkpoint and saved model.
 
     Args:
         method: ``tolerance`` (the cheapest cascade within ``tolerance`` of the largest size's
@@ -225,25 +255,26 @@ class AdaptiveClassificationCallback(L.Callback):
 
         if trainer.sanity_checking or not self._rows:
             return
-        g = len(pl_module.nesting)
+        model = pl_module.model
+        g = len(model.dims)
         if g < 2:
             return
         rows = gather_eval_rows(trainer, pl_module, torch.cat(self._rows)).cpu()
         self._rows = []
         conf, preds, labels = rows[:, :g].T.float(), rows[:, g : 2 * g].T.long(), rows[:, 2 * g].long()
-        nesting = list(pl_module.nesting)
-        fitted = pl_module.adaptive_thresholds.detach().cpu()
+        dims = list(model.dims)
+        fitted = model.adaptive_thresholds.detach().cpu()
         cal_idx, rest_idx = A.calibration_split(labels.numel(), self.calibration_fraction, self.seed)
         if stage == "test" and not bool(torch.isnan(fitted).any()):
             thr, eval_idx = fitted, torch.arange(labels.numel())  # fitted on validation
         else:
             eval_idx = rest_idx
             thr = A.fit_thresholds(
-                conf[:, cal_idx], preds[:, cal_idx], labels[cal_idx], nesting,
+                conf[:, cal_idx], preds[:, cal_idx], labels[cal_idx], dims,
                 method=self.method, tolerance=self.tolerance, budget=self.budget,
             )
-            pl_module.adaptive_thresholds.copy_(thr.to(pl_module.adaptive_thresholds.device))
-        res = A.evaluate_cascade(conf[:, eval_idx], preds[:, eval_idx], labels[eval_idx], nesting, thr)
+            model.adaptive_thresholds.copy_(thr.to(model.adaptive_thresholds.device))
+        res = A.evaluate_cascade(conf[:, eval_idx], preds[:, eval_idx], labels[eval_idx], dims, thr)
         self.thresholds, self.result = res.thresholds, res.as_dict()
         pl_module.log_dict(
             {
@@ -256,7 +287,7 @@ class AdaptiveClassificationCallback(L.Callback):
         if self.write_curve and trainer.is_global_zero:
             curve = A.tradeoff_curve(
                 conf[:, cal_idx], preds[:, cal_idx], labels[cal_idx],
-                conf[:, rest_idx], preds[:, rest_idx], labels[rest_idx], nesting,
+                conf[:, rest_idx], preds[:, rest_idx], labels[rest_idx], dims,
             )
             write_adaptive_curve(curve, res, out_dir, stage)
 

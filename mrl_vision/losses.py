@@ -1,4 +1,4 @@
-"""The Matryoshka loss: a weighted sum of cross-entropy over nesting sizes."""
+"""The Matryoshka loss: a weighted sum of cross-entropy over sizes."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from torch.nn import functional as F
 
 
 class MatryoshkaLoss(nn.Module):
-    """``sum_g weights[g] * CE(logits[g], target)`` over the G nesting sizes.
+    """``sum_g weights[g] * CE(logits[g], target)`` over the G sizes.
 
     Args:
-        num_sizes: G, the number of nesting sizes the logits hold.
+        num_sizes: G, the number of sizes the logits hold.
         weights: one non-negative weight per size (default: all 1, as in the MRL paper).
         label_smoothing: passed to cross-entropy (the reference recipe uses 0.1).
 
@@ -40,7 +40,7 @@ class MatryoshkaLoss(nn.Module):
         weights = [float(w) for w in weights]
         if len(weights) != num_sizes:
             raise ValueError(
-                f"loss weights must hold one value per nesting size ({num_sizes}), "
+                f"loss weights must hold one value per size ({num_sizes}), "
                 f"got {len(weights)}: {weights}"
             )
         bad = [w for w in weights if not math.isfinite(w) or w < 0]

@@ -1,6 +1,6 @@
 """Per-size top-k accuracy as one torchmetrics ``Metric``.
 
-One metric object holds the correct counts of every (nesting size, k) pair, so a batch
+One metric object holds the correct counts of every (size, k) pair, so a batch
 updates them all in one vectorised pass (a single ``topk`` over ``[G, N, C]``) and DDP
 syncs them in one all-reduce. The accuracy is micro-averaged (ImageNet's top-1: correct
 samples over all samples), not torchmetrics' per-class default.
@@ -15,10 +15,10 @@ from torchmetrics import Metric
 
 
 class MatryoshkaAccuracy(Metric):
-    """Top-k accuracy for every nesting size.
+    """Top-k accuracy for every size.
 
     Args:
-        nesting: the sizes, in the order of the logits' first axis.
+        dims: the sizes, in the order of the logits' first axis.
         num_classes: C; a k above C is dropped (top-5 of a 3-class problem is meaningless).
         top_k: the k values to track.
 
@@ -37,26 +37,26 @@ class MatryoshkaAccuracy(Metric):
     correct: torch.Tensor
     total: torch.Tensor
 
-    def __init__(self, nesting: Sequence[int], num_classes: int, top_k: Sequence[int] = (1, 5), **kwargs) -> None:
+    def __init__(self, dims: Sequence[int], num_classes: int, top_k: Sequence[int] = (1, 5), **kwargs) -> None:
         super().__init__(**kwargs)
-        self.nesting = list(nesting)
+        self.dims = list(dims)
         self.num_classes = num_classes
         self.top_k = [k for k in top_k if k <= num_classes]
         if not self.top_k:
             raise ValueError(f"no k in top_k={list(top_k)} is <= num_classes={num_classes}")
-        self.add_state("correct", torch.zeros(len(self.nesting), len(self.top_k), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("correct", torch.zeros(len(self.dims), len(self.top_k), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         if (
             logits.ndim != 3
             or target.ndim != 1
-            or logits.shape[0] != len(self.nesting)
+            or logits.shape[0] != len(self.dims)
             or logits.shape[1] != target.shape[0]
             or logits.shape[2] != self.num_classes
         ):
             raise ValueError(
-                f"expected logits [G={len(self.nesting)}, N, C={self.num_classes}] and target [N], "
+                f"expected logits [G={len(self.dims)}, N, C={self.num_classes}] and target [N], "
                 f"got {tuple(logits.shape)} and {tuple(target.shape)}"
             )
         kmax = max(self.top_k)
@@ -70,6 +70,6 @@ class MatryoshkaAccuracy(Metric):
         acc = self.correct.double() / self.total.clamp(min=1)
         return {
             f"top{k}@{m}": acc[g, j].float()
-            for g, m in enumerate(self.nesting)
+            for g, m in enumerate(self.dims)
             for j, k in enumerate(self.top_k)
         }

@@ -1,306 +1,344 @@
-"""``MatryoshkaClassifier``: the Lightning glue around a timm backbone and a Matryoshka head."""
+"""``MatryoshkaModel``: a timm backbone and a Matryoshka head, usable with no Trainer.
+
+The network alone: it embeds, classifies at any of its sizes, runs the adaptive cascade, and
+saves and loads itself. Training wraps it (:class:`mrl_vision.task.MatryoshkaClassifier`), as do
+export, retrieval and notebooks. Everything a user needs at inference travels with it: the class
+names, the input size, the normalisation and the fitted cascade thresholds.
+
+Files:
+
+- ``save_pretrained(dir)`` / ``from_pretrained(dir)``: ``model.safetensors`` + ``config.json``
+  (the convention of timm and the Hugging Face ecosystem);
+- ``from_checkpoint(path)``: any checkpoint that ``mrl-vision fit`` writes;
+- ``from_reference(path, head)``: the official RAIVNLab/MRL ResNet-50 checkpoints.
+"""
 
 from __future__ import annotations
 
-import math
-import warnings
-from typing import Any, Literal, Sequence
+import inspect
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Sequence
 
-import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 from .adaptive import cascade_predict
 from .backbones import create_backbone
-from .heads import FixedFeatureHead, MatryoshkaHead, default_nesting, validate_nesting
-from .losses import MatryoshkaLoss
-from .metrics import MatryoshkaAccuracy
-from .optim import build_optimizer, lr_factor, param_groups
-from .report import accuracy_rows, format_table, write_accuracy_report
+from .files import atomic_path, atomic_write_text
+from .heads import HEAD_KINDS, ClassifierHead, HeadKind, build_head, default_dims, validate_dims
 
-# The label check below lives in the model so that it guards every data module alike.
-warnings.filterwarnings("ignore", message=r".*overridden `on_before_batch_transfer` in `LightningModule`.*")
-
-HeadKind = Literal["mrl", "mrl_e", "ff", "ff_projection"]
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "mrl-vision-model"
 
 
-def check_labels(target: torch.Tensor, num_classes: int) -> None:
-    """Raise ``ValueError`` naming the first label outside ``[0, num_classes)``.
-
-    Called on CPU batches before they move to the accelerator, so a bad label is a clear
-    message instead of a device-side assert inside cross-entropy.
-    """
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class indices, got dtype {target.dtype}")
-    if target.numel() == 0:
-        return
-    bad = (target < 0) | (target >= num_classes)
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise ValueError(
-            f"label {value} is outside [0, {num_classes}): the model has num_classes={num_classes} "
-            "(check the dataset's labels or the model's num_classes)"
-        )
+def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A model configuration in today's spelling: ``nesting`` becomes ``dims``, and ``ff_dim: m``
+    (checkpoints written before the rename) becomes ``head: ff`` with ``dims: [m]``."""
+    config = dict(config)
+    if "nesting" in config:
+        config.setdefault("dims", config.pop("nesting"))
+        config.pop("nesting", None)
+    ff_dim = config.pop("ff_dim", None)
+    if ff_dim is not None:
+        config["head"] = "ff_projection" if config.get("head") == "ff_projection" else "ff"
+        config["dims"] = [int(ff_dim)]
+    return config
 
 
-class MatryoshkaClassifier(L.LightningModule):
-    """Any timm backbone with a Matryoshka head, trained with the summed per-size loss.
+def _float_triple(name: str, value: Sequence[float] | None) -> list[float] | None:
+    if value is None:
+        return None
+    values = [float(v) for v in value]
+    if len(values) not in (1, 3):
+        raise ValueError(f"{name} must hold 1 or 3 values (per channel), got {list(value)}")
+    return values
+
+
+class MatryoshkaModel(nn.Module):
+    """A timm backbone whose pooled embedding is trained so that every prefix ``z[:, :m]``,
+    ``m`` in ``dims``, is a representation by itself; with a classifier head on each size, or none.
 
     Args:
-        num_classes: C (linked from the data module by the CLI).
-        backbone: a timm model name.
+        backbone: a timm model name (``timm.list_models()``).
+        num_classes: C; ``None`` makes a pure embedder (``forward`` returns the embedding).
         head: ``mrl`` (a classifier per prefix), ``mrl_e`` (one shared weight), ``ff`` (the
-            reference's fixed-feature baseline: a classifier on ``z[:, :m]`` of the full-width
-            backbone) or ``ff_projection`` (a learned projection to ``m`` dims, then a classifier).
-        nesting: prefix sizes, ascending; default powers of two from 8 to the width, ending at the
-            width. For ``ff``/``ff_projection`` one size ``[m]`` (default: the full width, i.e. a
-            standard model).
-        ff_dim: the fixed-feature baseline at this size in one override: ``--model.ff_dim 16`` turns
-            any MRL or MRL-E config into FF-16 (``head=ff``, ``nesting=[16]``; it takes precedence over
-            both; an ``ff_projection`` head keeps its projection). ``ff_dim`` = the width is the
-            standard model (one classifier on the whole embedding).
-        loss_weights: one per size (default all 1).
-        label_smoothing: cross-entropy label smoothing (the reference recipe: 0.1).
-        pretrained / pretrained_file / backbone_kwargs: see :func:`mrl_vision.backbones.create_backbone`.
-        optimizer, lr, momentum, nesterov, weight_decay: ``sgd`` or ``adamw``; weight decay is
-            not applied to norm layers, biases, or timm's ``no_weight_decay()`` parameters.
-        lr_schedule: ``triangular`` (linear up to ``warmup_epochs``, then linear to 0, as in the
-            reference recipe), ``cosine`` (warm-up then cosine to 0) or ``constant``; stepped per
-            iteration.
-        warmup_epochs: epochs of linear warm-up (the peak epoch for ``triangular``).
-        channels_last: run the backbone in channels-last memory format (faster convolutions
-            under mixed precision on GPUs).
-        eval_flip_tta: horizontal-flip test-time augmentation in validation, test and predict:
-            the logits of the image and of its mirror image are summed (the reference recipe).
-        adaptive_predict: ``predict`` runs the confidence cascade (:meth:`predict_adaptive`) with
-            the thresholds fitted by ``AdaptiveClassificationCallback`` (kept in the checkpoint)
-            and reports, per image, the class and the size that decided it.
-        top_k: the k of the per-size top-k accuracies.
+            reference's fixed-feature baseline: a classifier on ``z[:, :m]``, ``dims=[m]``) or
+            ``ff_projection`` (a learned projection to ``m`` dims, then a classifier).
+        dims: the sizes, ascending; default powers of two from 8 to the width, ending at the
+            width (for ``ff``/``ff_projection``: ``[width]``, a standard model).
+        backbone_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ...).
+        blurpool: the MRL/FFCV recipe's BlurPool (:mod:`mrl_vision.blurpool`) on strided convs.
+        pretrained / pretrained_file: timm weights for the backbone (see
+            :func:`mrl_vision.backbones.create_backbone`); not needed to load a saved model.
+        channels_last: run the backbone in channels-last memory format.
+        class_names: the class of each label (kept with the model).
+        input_size: the side of the square images the model expects.
+        mean / std: the normalisation of its inputs, in [0, 1] units, per channel.
 
     Example::
 
-        model = MatryoshkaClassifier(num_classes=1000, backbone="resnet50", head="mrl")
-        logits = model(images)                    # [9, N, 1000], sizes 8..2048
-        preds_64 = model.predict(images, dim=64)  # [N], classes from the first 64 dims
+        model = MatryoshkaModel("resnet50", num_classes=1000, head="mrl")
+        logits = model(images)                   # [9, N, 1000], sizes 8..2048
+        emb = model.embed(images, dim=64)        # [N, 64]
+        preds = model.predict(images, dim=16)    # [N]
+        model.save_pretrained("runs/my_model")
+        same = MatryoshkaModel.from_pretrained("runs/my_model")
     """
+
+    adaptive_thresholds: torch.Tensor
 
     def __init__(
         self,
-        num_classes: int,
         backbone: str = "resnet18",
+        num_classes: int | None = None,
         head: HeadKind = "mrl",
-        nesting: list[int] | None = None,
-        ff_dim: int | None = None,
-        loss_weights: list[float] | None = None,
-        label_smoothing: float = 0.0,
+        dims: Sequence[int] | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        blurpool: bool = False,
         pretrained: bool = False,
         pretrained_file: str | None = None,
-        backbone_kwargs: dict[str, Any] | None = None,
-        optimizer: Literal["sgd", "adamw"] = "sgd",
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        nesterov: bool = False,
-        weight_decay: float = 5e-5,
-        lr_schedule: Literal["triangular", "cosine", "constant"] = "cosine",
-        warmup_epochs: float = 0.0,
         channels_last: bool = False,
-        eval_flip_tta: bool = False,
-        adaptive_predict: bool = False,
-        top_k: list[int] = [1, 5],  # noqa: B006 (jsonargparse shows list defaults)
+        class_names: Sequence[str] | None = None,
+        input_size: int | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if head not in ("mrl", "mrl_e", "ff", "ff_projection"):
-            raise ValueError(f"unknown head {head!r}; choose mrl, mrl_e, ff or ff_projection")
-        if optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose sgd or adamw")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
-        self.num_classes = num_classes
-        self.backbone, self.width = create_backbone(
-            backbone, pretrained=pretrained, pretrained_file=pretrained_file, **(backbone_kwargs or {})
-        )
-        if ff_dim is not None:
-            if isinstance(ff_dim, bool) or not isinstance(ff_dim, int) or not 1 <= ff_dim <= self.width:
-                raise ValueError(f"ff_dim must be an integer in [1, {self.width}] (the {backbone} width), got {ff_dim!r}")
-            head = "ff_projection" if head == "ff_projection" else "ff"
-            nesting = [ff_dim]
-        self.head_kind: str = head
-        if head in ("ff", "ff_projection"):
-            sizes = validate_nesting(nesting if nesting is not None else [self.width], self.width)
-            if len(sizes) != 1:
-                raise ValueError(f"a fixed-feature head trains one size; got nesting={sizes}")
-            self.head = FixedFeatureHead(self.width, num_classes, sizes[0], projection=head == "ff_projection")
+        if head not in HEAD_KINDS:
+            raise ValueError(f"unknown head {head!r}; choose one of {HEAD_KINDS}")
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+            if num_classes is None or len(class_names) != num_classes:
+                raise ValueError(f"{len(class_names)} class names for num_classes={num_classes}: give one name per class")
+        if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
+            raise ValueError(f"input_size must be a positive integer (the image side), got {input_size!r}")
+        kwargs = dict(backbone_kwargs or {})
+        if blurpool:
+            kwargs["blurpool"] = True
+        self.backbone_name = backbone
+        self.backbone, self.width = create_backbone(backbone, pretrained=pretrained, pretrained_file=pretrained_file, **kwargs)
+        self.head: ClassifierHead | None
+        if num_classes is None:
+            self.head = None
+            self.dims = validate_dims(dims if dims is not None else default_dims(self.width), self.width)
         else:
-            sizes = nesting if nesting is not None else default_nesting(self.width)
-            self.head = MatryoshkaHead(self.width, num_classes, sizes, efficient=head == "mrl_e")
-        self.nesting: list[int] = list(self.head.nesting)
-        self.criterion = MatryoshkaLoss(len(self.nesting), loss_weights, label_smoothing)
-        self.train_acc = MatryoshkaAccuracy(self.nesting, num_classes, top_k)
-        self.val_acc = MatryoshkaAccuracy(self.nesting, num_classes, top_k)
-        self.test_acc = MatryoshkaAccuracy(self.nesting, num_classes, top_k)
+            self.head = build_head(head, self.width, num_classes, dims)
+            self.dims = list(self.head.dims)
+        self.head_kind = head if self.head is not None else None
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.input_size = input_size
+        self.mean, self.std = _float_triple("mean", mean), _float_triple("std", std)
+        self.channels_last = channels_last
+        self._config = {
+            "backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}), "blurpool": bool(blurpool),
+            "num_classes": num_classes, "head": head, "dims": list(self.dims), "channels_last": channels_last,
+            "class_names": class_names, "input_size": input_size, "mean": self.mean, "std": self.std,
+        }
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        self.test_results: list[dict] = []
-        # Cascade thresholds [G-1], fitted by AdaptiveClassificationCallback; NaN until then.
-        # A buffer, so they are saved in and restored from checkpoints.
-        self.register_buffer("adaptive_thresholds", torch.full((max(0, len(self.nesting) - 1),), float("nan")))
+        # The confidence cascade's thresholds [G-1] (NaN until fitted): a buffer, so saved with the weights.
+        self.register_buffer("adaptive_thresholds", torch.full((max(0, len(self.dims) - 1),), float("nan")))
 
-    # ----------------------------------------------------------------- inference API
+    @property
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this model (``MatryoshkaModel(**config)``); saved as ``config.json``."""
+        return json.loads(json.dumps(self._config))
+
+    # ----------------------------------------------------------------- inference
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone embedding ``[N, d]``."""
-        if self.hparams.channels_last and x.ndim == 4:
+        """The backbone's pooled embedding ``[N, d]`` of images ``[N, 3, H, W]``."""
+        if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         z = self.backbone(x)
         if z.ndim != 2 or z.shape[1] != self.width:
             raise RuntimeError(
-                f"backbone {self.hparams.backbone!r} returned features of shape {tuple(z.shape)}, "
-                f"expected [N, {self.width}]"
+                f"backbone {self.backbone_name!r} returned features of shape {tuple(z.shape)}, expected [N, {self.width}]"
             )
         return z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for every nesting size, ``[G, N, C]``."""
-        return self.head(self.features(x))
+        """Logits of every size ``[G, N, C]``; a model without a head returns the embedding ``[N, d]``."""
+        z = self.features(x)
+        return z if self.head is None else self.head(z)
 
-    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Evaluation logits ``[G, N, C]``: with ``eval_flip_tta``, those of x plus its mirror image."""
-        if not self.hparams.eval_flip_tta:
+    def eval_logits(self, x: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
+        """Logits ``[G, N, C]``; with ``flip_tta`` those of ``x`` plus those of its mirror image."""
+        self._require_head("eval_logits")
+        if not flip_tta:
             return self(x)
         return self(torch.cat([x, x.flip(-1)])).unflatten(1, (2, x.shape[0])).sum(1)
 
     def embed(self, x: torch.Tensor, dim: int | None = None, normalize: bool = False) -> torch.Tensor:
-        """The embedding truncated to ``dim`` (a nesting size; default the largest): ``[N, dim]``.
+        """The embedding at size ``dim`` (one of ``dims``; default the largest): ``[N, dim]``.
 
         For an ``ff_projection`` head this is the learned ``m``-dimensional projection.
         """
-        dim = self.nesting[-1] if dim is None else dim
-        self.head.index_of(dim)
+        dim = self.dims[-1] if dim is None else dim
+        if dim not in self.dims:
+            raise ValueError(f"dim {dim} is not one of this model's sizes {self.dims}")
         z = self.features(x)
-        e = self.head.embed(z) if isinstance(self.head, FixedFeatureHead) else z[:, :dim]
-        return torch.nn.functional.normalize(e, dim=-1) if normalize else e
+        e = z[:, :dim] if self.head is None else self.head.embed(z, dim)
+        return nn.functional.normalize(e, dim=-1) if normalize else e
 
     def predict(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-        """Class predictions ``[N]`` from the first ``dim`` dimensions (one head size only)."""
-        dim = self.nesting[-1] if dim is None else dim
-        return self.head.logits_at(self.features(x), dim).argmax(-1)
+        """Class predictions ``[N]`` from size ``dim`` (default the largest; one head size only)."""
+        head = self._require_head("predict")
+        return head.logits_at(self.features(x), self.dims[-1] if dim is None else dim).argmax(-1)
 
     def predict_adaptive(
-        self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor | None = None
+        self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor | None = None, flip_tta: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Classify with as few dimensions as each image needs: ``x -> (preds [N], exit_size [N])``.
+        """Classify with as few dimensions as each image needs: ``x -> (preds [N], exit_dim [N])``.
 
         The backbone runs once; size ``g`` is evaluated only for the images still undecided (max
         softmax probability below ``thresholds[g]`` at every smaller size); the largest size always
-        answers. With MRL-E, each size's logits reuse the previous size's (only the new block of
-        the shared weight is multiplied). ``thresholds`` default to the fitted ones. With
-        ``eval_flip_tta`` the logits of the image and its mirror image are summed, as in evaluation.
+        answers. With MRL-E each size's logits reuse the previous size's. ``thresholds`` default to
+        the fitted ones (``adaptive_thresholds``); with ``flip_tta`` the logits of the image and its
+        mirror image are summed, as in evaluation.
         """
-        g_count = len(self.nesting)
-        thr = self.adaptive_thresholds if thresholds is None else thresholds
-        if thresholds is None and g_count > 1 and bool(torch.isnan(self.adaptive_thresholds).any()):
-            raise ValueError(
-                "no adaptive thresholds: fit them with AdaptiveClassificationCallback during "
-                "validation or pass thresholds=[...] (one per size but the last)"
-            )
-        views = [x, x.flip(-1)] if self.hparams.eval_flip_tta else [x]
-        return cascade_predict(self.head, [self.features(v) for v in views], thr)
+        head = self._require_head("predict_adaptive")
+        if thresholds is None:
+            if len(self.dims) > 1 and bool(torch.isnan(self.adaptive_thresholds).any()):
+                raise ValueError(
+                    "no adaptive thresholds: fit them with AdaptiveClassificationCallback during "
+                    "validation or pass thresholds=[...] (one per size but the last)"
+                )
+            thresholds = self.adaptive_thresholds
+        views = [x, x.flip(-1)] if flip_tta else [x]
+        return cascade_predict(head, [self.features(v) for v in views], thresholds)
 
-    # ----------------------------------------------------------------- training loop
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, (list, tuple)) and len(batch) >= 2 and torch.is_tensor(batch[1]):
-            if batch[1].device.type == "cpu":
-                check_labels(batch[1], self.num_classes)
-        return batch
+    def _require_head(self, what: str) -> ClassifierHead:
+        if self.head is None:
+            raise ValueError(f"{what} needs a classifier head; this model is a pure embedder (num_classes=None)")
+        return self.head
 
-    def _shared_step(self, batch: Any, stage: str) -> Any:
-        x, y = batch[0], batch[1]
-        logits = self(x) if stage == "train" else self.eval_logits(x)
-        loss = self.criterion(logits, y)
-        getattr(self, f"{stage}_acc").update(logits.detach(), y)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
-                 prog_bar=stage == "train", batch_size=y.shape[0], sync_dist=stage != "train")
-        if stage == "train":
-            return loss
-        return {"loss": loss, "logits": logits.detach(), "target": y}  # for callbacks (the cascade)
+    # ----------------------------------------------------------------- optimisation (timm's factory)
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's ``no_weight_decay()`` names (position embeddings, class tokens), prefixed."""
+        fn = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{n}" for n in fn()} if callable(fn) else set()
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The backbone's parameter groups (for layer-wise LR decay) with the ``backbone.`` prefix;
+        the head and the thresholds follow the last block."""
+        fn = getattr(self.backbone, "group_matcher", None)
+        if not callable(fn):
+            raise ValueError(f"layer-wise LR decay needs a timm backbone with group_matcher(); {self.backbone_name!r} has none")
+        return {k: _prefix_matcher(v, r"^backbone\.") for k, v in fn(coarse=coarse).items()}
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._shared_step(batch, "val")
+    # ----------------------------------------------------------------- files
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (each to a temporary
+        name, then renamed); returns the directory. :meth:`from_pretrained` reads it back."""
+        from safetensors.torch import save_file
 
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._shared_step(batch, "test")
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        """Per-size predictions: ``preds`` and max-softmax ``confidence``, both ``[N, G]``, or with
-        ``adaptive_predict`` the cascade's ``adaptive_pred`` and ``adaptive_dims`` (the size that
-        decided), both ``[N]``; plus ``target`` when the batch carries labels."""
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if self.hparams.adaptive_predict:
-            preds, sizes = self.predict_adaptive(x)
-            out = {"adaptive_pred": preds, "adaptive_dims": sizes}
-        else:
-            probs = self.eval_logits(x).float().softmax(-1)  # [G, N, C]
-            conf, preds = probs.max(-1)
-            out = {"preds": preds.T.contiguous(), "confidence": conf.T.contiguous()}
-        if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-            out["target"] = batch[1]
+        out = Path(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(out / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        atomic_write_text(out / CONFIG_NAME, json.dumps({"format": FORMAT, **self.config}, indent=2) + "\n")
         return out
 
-    def _log_accuracy(self, stage: str) -> dict[str, float]:
-        metric: MatryoshkaAccuracy = getattr(self, f"{stage}_acc")
-        if not metric.update_called:
-            return {}
-        values = {f"{stage}/{k}": v for k, v in metric.compute().items()}  # synced across ranks
-        metric.reset()
-        self.log_dict(values, prog_bar=False)
-        return {k: float(v) for k, v in values.items()}
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MatryoshkaModel":
+        """The model saved by :meth:`save_pretrained` in ``directory``, in eval mode."""
+        model = cls(**read_pretrained_config(directory))
+        load_pretrained_weights(model, directory)
+        return model.to(map_location).eval()
 
-    def on_train_epoch_end(self) -> None:
-        self._log_accuracy("train")
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MatryoshkaModel":
+        """The model of a Lightning checkpoint written by ``mrl-vision fit`` (this version's or an
+        earlier one's, where the network sat directly on the task), in eval mode."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+            raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of mrl-vision (no state_dict/hyper_parameters)")
+        model = cls(**model_kwargs(ckpt["hyper_parameters"]))
+        model.load_state_dict(model_state(ckpt["state_dict"]))
+        return model.to(map_location).eval()
 
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._log_accuracy("val")
-        else:
-            self.val_acc.reset()
+    @classmethod
+    def from_reference(cls, path: str | os.PathLike, head: str = "mrl") -> "MatryoshkaModel":
+        """An official RAIVNLab/MRL ResNet-50 checkpoint (``r50_mrl1_e0_ff2048.pt`` and its
+        siblings): ``head`` says what it holds (``mrl``, ``mrl_e`` or ``ff``). Its logits equal the
+        reference network's; ImageNet's normalisation and 224 px input are recorded."""
+        from .reference import convert_reference, load_reference_state_dict
 
-    def on_test_epoch_end(self) -> None:
-        values = self._log_accuracy("test")
-        rows = accuracy_rows(values, prefix="test/")
-        self.test_results = rows
-        out_dir = self.trainer.log_dir or self.trainer.default_root_dir  # a collective under DDP: every rank asks
-        if self.trainer.is_global_zero and rows:
-            title = f"{self.hparams.backbone} {self.head_kind} test accuracy"
-            rank_zero_info("\n" + format_table(rows, title))
-            csv_path, png_path = write_accuracy_report(rows, out_dir, title=title)
-            rank_zero_info(f"wrote {csv_path} and {png_path}")
-
-    # ----------------------------------------------------------------- optimisation
-    def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        opt = build_optimizer(
-            hp.optimizer, param_groups(self, hp.weight_decay), hp.lr, hp.momentum, hp.nesterov
+        converted = convert_reference(load_reference_state_dict(path), head)
+        model = cls(
+            backbone=converted["backbone"], num_classes=converted["num_classes"], head=converted["head"],
+            dims=converted["dims"], blurpool=converted["blurpool"], input_size=224,
+            mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
         )
-        trainer = self.trainer
-        total = int(trainer.estimated_stepping_batches)
-        warmup = int(round(hp.warmup_epochs * self._optimizer_steps_per_epoch(total)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(hp.lr_schedule, total, warmup))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        state = dict(converted["state_dict"])
+        state.setdefault("adaptive_thresholds", model.adaptive_thresholds)
+        model.load_state_dict(state)
+        return model.eval()
 
-    def _optimizer_steps_per_epoch(self, total_steps: int) -> float:
-        """Optimizer steps in one pass over the training data (for epoch-based warm-up)."""
-        trainer = self.trainer
-        if not math.isfinite(trainer.num_training_batches):
-            trainer.fit_loop.setup_data()  # with only max_steps set, Lightning has not loaded it yet
-        batches = trainer.num_training_batches
-        if math.isfinite(batches) and batches > 0:
-            return math.ceil(batches / trainer.accumulate_grad_batches)
-        max_epochs = trainer.max_epochs or -1  # an iterable without a length
-        return total_steps / max_epochs if max_epochs > 0 else total_steps
+    @classmethod
+    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MatryoshkaModel":
+        """:meth:`from_pretrained` for a folder, :meth:`from_checkpoint` for a file."""
+        if os.path.isdir(path):
+            return cls.from_pretrained(path, map_location)
+        return cls.from_checkpoint(path, map_location)
+
+
+def _prefix_matcher(matcher: Any, prefix: str) -> Any:
+    """A timm group matcher (a regex, or a list of ``(regex, key)``) with its regexes under ``prefix``."""
+    if isinstance(matcher, str):  # timm matches from the start: each alternative gets the prefix
+        return prefix + "(?:" + re.sub(r"(^|\|)\^", r"\1", matcher) + ")"
+    if isinstance(matcher, (list, tuple)):
+        return [(_prefix_matcher(m[0], prefix), *m[1:]) if isinstance(m, (list, tuple)) else _prefix_matcher(m, prefix)
+                for m in matcher]
+    return matcher
+
+
+MODEL_ARGS = tuple(p for p in inspect.signature(MatryoshkaModel.__init__).parameters if p != "self")
+
+
+def model_kwargs(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`MatryoshkaModel` arguments in a task's hyperparameters (any version's spelling),
+    without those that fetch weights (the checkpoint has them)."""
+    config = upgrade_config(hparams)
+    kwargs = {k: config[k] for k in MODEL_ARGS if k in config}
+    kwargs.update(pretrained=False, pretrained_file=None)
+    return kwargs
+
+
+def model_state(task_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A task checkpoint's ``state_dict`` as the model's: ``model.*`` keys (or, written before the
+    model was split from the task, ``backbone.*``/``head.*``/``adaptive_thresholds``)."""
+    if any(k.startswith("model.") for k in task_state):
+        return {k[len("model."):]: v for k, v in task_state.items() if k.startswith("model.")}
+    return {k: v for k, v in task_state.items() if k.split(".", 1)[0] in ("backbone", "head", "adaptive_thresholds")}
+
+
+def load_pretrained_weights(model: MatryoshkaModel, directory: str | os.PathLike) -> None:
+    """Load the ``model.safetensors`` of a saved model folder into ``model`` (strictly)."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has no {WEIGHTS_NAME}")
+    model.load_state_dict(load_file(str(path)))
+
+
+def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a :meth:`MatryoshkaModel.save_pretrained` folder, as model arguments."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} is not a saved model: no {CONFIG_NAME} (write one with save_pretrained)")
+    config = json.loads(path.read_text())
+    if config.pop("format", None) != FORMAT:
+        raise ValueError(f"{str(path)!r} is not an mrl-vision model config (format != {FORMAT!r})")
+    unknown = sorted(set(config) - set(MODEL_ARGS))
+    if unknown:
+        raise ValueError(f"{str(path)!r} has unknown keys {unknown}")
+    return upgrade_config(config)

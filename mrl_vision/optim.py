@@ -1,9 +1,9 @@
-"""Optimizers and per-iteration learning-rate schedules for the Lightning module."""
+"""Optimizers (timm's factory and parameter groups) and per-iteration learning-rate schedules."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -12,43 +12,33 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("triangular", "cosine", "constant")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights with decay; biases, norm parameters and timm's ``no_weight_decay()``
-    names (position embeddings, class tokens) without it.
-
-    A parameter is "no decay" when it has fewer than two dimensions (biases, BatchNorm and
-    LayerNorm scales) or when a module lists it in ``no_weight_decay()``.
-    """
-    skip: set[str] = set()
-    for prefix, module in model.named_modules():
-        fn = getattr(module, "no_weight_decay", None)
-        if callable(fn):
-            skip |= {f"{prefix}.{n}" if prefix else n for n in fn()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def build_optimizer(
+    model: nn.Module,
     name: str,
-    groups: Iterable[dict],
     lr: float,
+    weight_decay: float = 0.0,
     momentum: float = 0.9,
     nesterov: bool = False,
-    betas: tuple[float, float] = (0.9, 0.999),
+    layer_decay: float | None = None,
 ) -> torch.optim.Optimizer:
-    """``"sgd"`` (momentum, optional Nesterov) or ``"adamw"``; weight decay comes from the groups."""
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    """``sgd`` (momentum, optional Nesterov) or ``adamw`` through timm's ``create_optimizer_v2``.
+
+    timm's parameter groups: no weight decay on parameters with fewer than two dimensions (biases,
+    norm scales) or named by the model's ``no_weight_decay()`` (ViT position embeddings, class
+    tokens); with ``layer_decay``, one group per block of the model's ``group_matcher()``, whose LR
+    is ``lr * layer_decay ** (depth from the top)``. That scale is folded into each group's ``lr``,
+    so any ``torch.optim.lr_scheduler`` (which multiplies the groups' initial LRs) keeps it.
+    """
+    from timm.optim import create_optimizer_v2
+
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    timm_name = {"sgd": "sgd" if nesterov else "momentum", "adamw": "adamw"}[name]
+    kwargs = {"momentum": momentum} if name == "sgd" else {}
+    opt = create_optimizer_v2(model, opt=timm_name, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, **kwargs)
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return opt
 
 
 def lr_factor(schedule: str, total_steps: int, warmup_steps: int) -> Callable[[int], float]:

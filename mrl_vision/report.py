@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Mapping
 
 from .files import atomic_path, atomic_write_text
+from .heads import HEAD_LABELS
+from .model import upgrade_config
 
 
 def accuracy_rows(metrics: Mapping[str, float], prefix: str = "") -> list[dict]:
@@ -106,9 +108,6 @@ def write_accuracy_report(rows: list[dict], out_dir: str | os.PathLike, stem: st
 
 
 # ----------------------------------------------------------------------------- runs -> report
-HEAD_LABELS = {"mrl": "MRL", "mrl_e": "MRL-E", "ff": "FF", "ff_projection": "FF-proj"}
-
-
 def _read_csv_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -124,10 +123,8 @@ def _read_hparams(run_dir: Path) -> dict:
 
 
 def run_label(hparams: Mapping) -> str:
-    """``MRL``, ``MRL-E``, ``FF`` or ``FF-proj`` from a run's model hyperparameters (``ff_dim`` means FF)."""
-    head = hparams.get("head", "mrl")
-    if hparams.get("ff_dim") is not None:
-        head = "ff_projection" if head == "ff_projection" else "ff"
+    """``MRL``, ``MRL-E``, ``FF`` or ``FF-proj`` from a run's model hyperparameters (any version's spelling)."""
+    head = upgrade_config(dict(hparams)).get("head", "mrl")
     return HEAD_LABELS.get(head, str(head))
 
 
@@ -141,7 +138,7 @@ def last_logged(metrics_csv: Path, prefix: str) -> dict[str, float]:
     return found
 
 
-def load_run(run_dir: str | os.PathLike) -> dict:
+def read_run_results(run_dir: str | os.PathLike) -> dict:
     """One run folder (a CSV logger version folder, or a ``mrl-vision truncate`` output) as a dict:
     ``{"dir", "label", "split", "rows": [{"dims", "top1", "top5"?}], "adaptive": {...} | None, "hparams"}``.
 
@@ -289,7 +286,7 @@ def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, 
     a cascade, ``adaptive.{png,csv,md}`` into ``out_dir`` (all crash-safe). Returns the written paths."""
     if not run_dirs:
         raise ValueError("give at least one run folder")
-    runs = [load_run(d) for d in run_dirs]
+    runs = [read_run_results(d) for d in run_dirs]
     series = collect_series(runs)
     out = Path(out_dir)
     table = comparison_rows(series)

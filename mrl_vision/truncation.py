@@ -114,24 +114,28 @@ def truncate_model(
     model, datamodule, sizes: Sequence[int] | None = None, fit_split: str = "train", eval_split: str = "test",
     weight_decay: float = 1e-4, device: torch.device | str = "cpu",
 ) -> tuple[list[dict], dict]:
-    """:func:`truncation_table` of a trained ``MatryoshkaClassifier`` on a data module's splits (read
-    through its ``eval_dataloader(split)``: evaluation transforms, in order); returns the rows and
-    metadata, the model's own classifier accuracy at its largest size on ``eval_split`` included."""
-    from .heads import default_nesting
+    """:func:`truncation_table` of a trained :class:`~mrl_vision.model.MatryoshkaModel` with a classifier
+    head on a :class:`~mrl_vision.data.MatryoshkaDataModule`'s splits (read through its
+    ``eval_dataloader(split)``: evaluation transforms, in order); returns the rows and metadata, the
+    model's own classifier accuracy at its largest size on ``eval_split`` included."""
+    from .data import MatryoshkaDataModule
+    from .heads import default_dims
 
-    if not hasattr(datamodule, "eval_dataloader"):
-        raise ValueError(f"{type(datamodule).__name__} has no eval_dataloader(split)")
-    if getattr(datamodule, "num_classes", model.num_classes) != model.num_classes:
+    if not isinstance(datamodule, MatryoshkaDataModule):
+        raise ValueError(f"{type(datamodule).__name__} is not a MatryoshkaDataModule (it needs eval_dataloader(split))")
+    if model.head is None:
+        raise ValueError("truncation compares classifiers: this model has no classifier head")
+    if datamodule.num_classes != model.num_classes:
         raise ValueError(f"the data has {datamodule.num_classes} classes, the model {model.num_classes}")
-    sizes = list(sizes) if sizes else default_nesting(model.width)
+    sizes = list(sizes) if sizes else default_dims(model.width)
     z_fit, y_fit = extract_embeddings(model, datamodule.eval_dataloader(fit_split), device)
     z_eval, y_eval = extract_embeddings(model, datamodule.eval_dataloader(eval_split), device)
     rows = truncation_table(z_fit, y_fit, z_eval, y_eval, sizes, model.num_classes, weight_decay)
     with torch.no_grad():
-        logits = model.head(z_eval.to(model.device))[-1].cpu()
+        logits = model.head(z_eval.to(next(model.parameters()).device))[-1].cpu()
         own = logits.argmax(-1).eq(y_eval).float().mean().item()
-    meta = {"backbone": model.hparams.backbone, "head": model.head_kind, "width": model.width,
-            "largest_size": model.nesting[-1], "fit_split": fit_split, "eval_split": eval_split,
+    meta = {"backbone": model.backbone_name, "head": model.head_kind, "width": model.width,
+            "largest_size": model.dims[-1], "fit_split": fit_split, "eval_split": eval_split,
             "num_fit": int(y_fit.numel()), "num_eval": int(y_eval.numel()), "weight_decay": weight_decay,
             "own_classifier_top1": 100 * own}
     return rows, meta

@@ -13,9 +13,32 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
 
-# The nesting of timm's tiny ``test_resnet`` (width 96) under the default rule.
+# The dims of timm's tiny ``test_resnet`` (width 96) under the default rule.
 TEST_RESNET_WIDTH = 96
-TEST_RESNET_NESTING = [8, 16, 32, 64, 96]
+TEST_RESNET_DIMS = [8, 16, 32, 64, 96]
+
+# The quickstart through the real CLI with timm's tiny test_resnet: fast enough for tests.
+QUICKSTART_ARGS = [
+    "--config", str(QUICKSTART_CONFIG),
+    "--model.backbone", "test_resnet",
+    "--trainer.accelerator", "cpu",
+    "--data.init_args.batch_size", "16",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+def short_quickstart_fit(work: Path):
+    """A short real ``mrl-vision fit`` in ``work`` (1 epoch of 2 train batches, 2 val batches); the CLI."""
+    from mrl_vision.cli import cli
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setattr(sys, "argv", ["mrl-vision"])
+        c = cli(["fit", *QUICKSTART_ARGS, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                 "--trainer.limit_val_batches", "2"])
+        c.checkpoint = Path(c.trainer.checkpoint_callback.last_model_path).resolve()
+    return c
+
 
 JPEG_CLASSES = ("cat", "dog", "fox")
 JPEG_TRAIN_PER_CLASS = 4

@@ -1,8 +1,8 @@
 """Tests of adaptive classification (the confidence cascade): the pure-tensor library
-(``mrl_vision.adaptive``), ``MatryoshkaClassifier.predict_adaptive``, ``AdaptiveClassificationCallback``
+(``mrl_vision.adaptive``), ``MatryoshkaModel.predict_adaptive``, ``AdaptiveClassificationCallback``
 and ``mrl-vision predict`` in adaptive mode, on hand-made confidences whose answers are worked out
 by hand, on seeded structured data, and on the quickstart digits with timm's tiny ``test_resnet``
-(width 96, nesting 8..96)."""
+(width 96, dims 8..96)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import QUICKSTART_CONFIG, TEST_RESNET_NESTING
+from conftest import QUICKSTART_CONFIG, TEST_RESNET_DIMS
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
@@ -30,7 +30,7 @@ from mrl_vision import adaptive as A
 from mrl_vision.callbacks import AdaptiveClassificationCallback, PredictionWriter
 from mrl_vision.cli import cli
 from mrl_vision.data import QuickstartDataModule
-from mrl_vision.model import MatryoshkaClassifier
+from mrl_vision import MatryoshkaClassifier, MatryoshkaModel
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval"),
@@ -41,7 +41,7 @@ pytestmark = [
 ]
 
 Q = str(QUICKSTART_CONFIG)
-NEST = TEST_RESNET_NESTING  # [8, 16, 32, 64, 96]
+NEST = TEST_RESNET_DIMS  # [8, 16, 32, 64, 96]
 NEST3 = [8, 16, 32]
 BUDGET = 24.0  # the fixture's callback: the most accurate cascade within 24 expected dims (a mix of sizes)
 
@@ -111,7 +111,7 @@ def test_evaluate_cascade_hand_computed():
     assert res.exit_fractions == pytest.approx([0.5, 0.4, 0.1])
     assert res.expected_dims == pytest.approx(8 * 0.5 + 16 * 0.4 + 32 * 0.1)  # 13.6
     assert res.expected_head_cost == pytest.approx(8 * 1.0 + 16 * 0.5 + 32 * 0.1)  # 19.2
-    assert res.thresholds == THR_A and res.nesting == NEST3
+    assert res.thresholds == THR_A and res.dims == NEST3
     assert res.as_dict()["expected_dims"] == res.expected_dims
     # always the largest / always the smallest
     top = A.evaluate_cascade(CONF_A, PREDS_A, LABELS_A, NEST3, [1.0, 1.0])
@@ -164,13 +164,13 @@ def _data_b() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return conf[:, perm], _preds_from(correct[:, perm], labels), labels
 
 
-def _brute_force(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, nesting) -> tuple[torch.Tensor, torch.Tensor]:
+def _brute_force(conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, dims) -> tuple[torch.Tensor, torch.Tensor]:
     """Accuracy and expected dims of every distinct cascade (thresholds at each confidence value, 0 and 1)."""
     per_size = [sorted({0.0, 1.0, *conf[g].tolist()}) for g in range(conf.shape[0] - 1)]
     thr = torch.tensor(list(itertools.product(*per_size)))
     ex = A.exit_index(conf, thr)
     correct = preds.eq(labels)
-    return correct.gather(0, ex).double().mean(1), torch.tensor(nesting, dtype=torch.float64)[ex].mean(1)
+    return correct.gather(0, ex).double().mean(1), torch.tensor(dims, dtype=torch.float64)[ex].mean(1)
 
 
 def test_data_b_hand_answers_are_the_true_optima():
@@ -221,54 +221,54 @@ def test_fit_budget_and_tolerance_reject_bad_values():
 
 
 # ============================================================================= structured random data
-def _structured(n: int = 300, nesting=tuple(NEST), num_classes: int = 10, seed: int = 0):
+def _structured(n: int = 300, dims=tuple(NEST), num_classes: int = 10, seed: int = 0):
     """Seeded logits where larger sizes are more accurate and confidence tracks correctness."""
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (n,), generator=gen)
-    strength = torch.linspace(1.5, 4.0, len(nesting))
+    strength = torch.linspace(1.5, 4.0, len(dims))
     ease = torch.rand(n, generator=gen) + 0.3
-    logits = torch.randn(len(nesting), n, num_classes, generator=gen)
+    logits = torch.randn(len(dims), n, num_classes, generator=gen)
     logits = logits + (strength[:, None] * ease[None, :])[..., None] * F.one_hot(labels, num_classes)
     conf, preds = A.confidences(logits)
-    return conf, preds, labels, list(nesting)
+    return conf, preds, labels, list(dims)
 
 
-def _shared_threshold_cascades(conf, preds, labels, nesting):
+def _shared_threshold_cascades(conf, preds, labels, dims):
     """Accuracy and dims of the 101 cascades with one shared threshold (members of every family)."""
-    thr = torch.linspace(0, 1, 101).unsqueeze(1).repeat(1, len(nesting) - 1)
+    thr = torch.linspace(0, 1, 101).unsqueeze(1).repeat(1, len(dims) - 1)
     ex = A.exit_index(conf, thr)
-    return preds.eq(labels).gather(0, ex).double().mean(1), torch.tensor(nesting, dtype=torch.float64)[ex].mean(1)
+    return preds.eq(labels).gather(0, ex).double().mean(1), torch.tensor(dims, dtype=torch.float64)[ex].mean(1)
 
 
 def test_structured_data_is_structured():
     """The seeded test data lost its structure (larger sizes more accurate), so the properties below test little."""
-    conf, preds, labels, nesting = _structured()
+    conf, preds, labels, dims = _structured()
     acc = preds.eq(labels).double().mean(1)
     assert acc[0] < acc[2] < acc[-1] and 0.3 < acc[0] and acc[-1] < 0.95
 
 
 def test_fit_tolerance_properties():
     """The tolerance method misses its accuracy target, or is costlier than a family member meeting it."""
-    conf, preds, labels, nesting = _structured()
+    conf, preds, labels, dims = _structured()
     largest = float(preds[-1].eq(labels).double().mean())
-    sh_acc, sh_dims = _shared_threshold_cascades(conf, preds, labels, nesting)
+    sh_acc, sh_dims = _shared_threshold_cascades(conf, preds, labels, dims)
     prev = math.inf
     for tol in (0.0, 0.01, 0.05, 0.2):
-        res = A.evaluate_cascade(conf, preds, labels, nesting, A.fit_tolerance(conf, preds, labels, nesting, tol))
+        res = A.evaluate_cascade(conf, preds, labels, dims, A.fit_tolerance(conf, preds, labels, dims, tol))
         assert res.accuracy >= largest - tol - 1e-12, tol
         assert res.expected_dims <= float(sh_dims[sh_acc >= largest - tol - 1e-12].min()) + 1e-9, tol
         assert res.expected_dims <= prev + 1e-9
         prev = res.expected_dims
-    assert prev < nesting[-1]  # some saving at a 20-point tolerance
+    assert prev < dims[-1]  # some saving at a 20-point tolerance
 
 
 def test_fit_budget_properties():
     """The budget method exceeds its budget, or is less accurate than a family member within it."""
-    conf, preds, labels, nesting = _structured()
-    sh_acc, sh_dims = _shared_threshold_cascades(conf, preds, labels, nesting)
+    conf, preds, labels, dims = _structured()
+    sh_acc, sh_dims = _shared_threshold_cascades(conf, preds, labels, dims)
     prev = -math.inf
     for budget in (8, 16, 40, 96):
-        res = A.evaluate_cascade(conf, preds, labels, nesting, A.fit_budget(conf, preds, labels, nesting, budget))
+        res = A.evaluate_cascade(conf, preds, labels, dims, A.fit_budget(conf, preds, labels, dims, budget))
         assert res.expected_dims <= budget + 1e-9
         assert res.accuracy >= float(sh_acc[sh_dims <= budget + 1e-9].max()) - 1e-12
         assert res.accuracy >= prev - 1e-12
@@ -286,25 +286,25 @@ def test_pareto_front_hand_computed():
 
 def test_tradeoff_curve_is_the_families_pareto_front():
     """tradeoff_curve()'s cascade rows are not the family's sorted Pareto front, or its fixed rows are wrong."""
-    conf, preds, labels, nesting = _structured(seed=3)
-    rows = A.tradeoff_curve(conf, preds, labels, conf, preds, labels, nesting)
+    conf, preds, labels, dims = _structured(seed=3)
+    rows = A.tradeoff_curve(conf, preds, labels, conf, preds, labels, dims)
     casc = [r for r in rows if r["kind"] == "cascade"]
     fixed = [r for r in rows if r["kind"] == "fixed"]
     assert rows == casc + fixed and len(casc) >= 3
-    dims = [r["expected_dims"] for r in casc]
+    costs = [r["expected_dims"] for r in casc]
     accs = [r["accuracy"] for r in casc]
-    assert dims == sorted(dims) and all(b > a for a, b in zip(accs, accs[1:]))  # strictly better when costlier
-    fam = A.cascade_family(conf, preds, labels, nesting)
+    assert costs == sorted(costs) and all(b > a for a, b in zip(accs, accs[1:]))  # strictly better when costlier
+    fam = A.cascade_family(conf, preds, labels, dims)
     ex = A.exit_index(conf, fam)
     f_acc = preds.eq(labels).gather(0, ex).double().mean(1)
-    f_dims = torch.tensor(nesting, dtype=torch.float64)[ex].mean(1)
+    f_dims = torch.tensor(dims, dtype=torch.float64)[ex].mean(1)
     for r in casc:
-        res = A.evaluate_cascade(conf, preds, labels, nesting, r["thresholds"])
+        res = A.evaluate_cascade(conf, preds, labels, dims, r["thresholds"])
         assert (res.accuracy, res.expected_dims) == pytest.approx((r["accuracy"], r["expected_dims"]))
         assert not bool(((f_dims <= r["expected_dims"] + 1e-9) & (f_acc > r["accuracy"] + 1e-9)).any())
     for a, d in zip(f_acc.tolist(), f_dims.tolist()):  # every family member is weakly dominated by the front
         assert any(r["expected_dims"] <= d + 1e-9 and r["accuracy"] >= a - 1e-9 for r in casc)
-    assert [r["expected_dims"] for r in fixed] == [float(m) for m in nesting]
+    assert [r["expected_dims"] for r in fixed] == [float(m) for m in dims]
     assert [r["accuracy"] for r in fixed] == pytest.approx(preds.eq(labels).double().mean(1).tolist())
     assert all(r["thresholds"] == [] for r in fixed)
 
@@ -313,8 +313,8 @@ def test_tradeoff_curve_is_the_families_pareto_front():
 @pytest.mark.parametrize(
     "thresholds, match",
     [
-        ([0.5], r"one threshold per nesting size but the last \(2\), got 1"),
-        ([0.5, 0.5, 0.5], r"one threshold per nesting size but the last \(2\), got 3"),
+        ([0.5], r"one threshold per size but the last \(2\), got 1"),
+        ([0.5, 0.5, 0.5], r"one threshold per size but the last \(2\), got 3"),
         ([0.5, float("nan")], r"got nan at position 1"),
         ([float("inf"), 0.5], r"got inf at position 0"),
         ([-0.1, 0.5], r"got -0\.1\d* at position 0"),
@@ -349,16 +349,16 @@ def test_fit_thresholds_bad_method_or_missing_budget():
 
 
 def test_fitting_rejects_inconsistent_inputs():
-    """Mismatched shapes, one nesting size or an empty calibration set reach the fitting code."""
+    """Mismatched shapes, one size or an empty calibration set reach the fitting code."""
     conf, preds, labels = _data_b()
     for fit in (A.fit_pairwise, A.cascade_family):
         with pytest.raises(ValueError, match="conf and preds must both be"):
             fit(conf, preds[:, :5], labels, NEST3)
         with pytest.raises(ValueError, match=r"labels must be \[N=20\]"):
             fit(conf, preds, labels[:5], NEST3)
-        with pytest.raises(ValueError, match="nesting has 2 sizes but conf has 3"):
+        with pytest.raises(ValueError, match="dims has 2 sizes but conf has 3"):
             fit(conf, preds, labels, [8, 16])
-        with pytest.raises(ValueError, match="at least two nesting sizes"):
+        with pytest.raises(ValueError, match="a cascade needs at least two sizes"):
             fit(conf[:1], preds[:1], labels, [8])
         with pytest.raises(ValueError, match="empty calibration set"):
             fit(conf[:, :0], preds[:, :0], labels[:0], NEST3)
@@ -420,23 +420,26 @@ def _gap_thresholds(conf: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_cascade(model: MatryoshkaClassifier, x: torch.Tensor, thr: torch.Tensor):
-    """The cascade's answer selected from the full per-size evaluation logits."""
+    """The cascade's answer selected from the full per-size evaluation logits (the task's, with its
+    ``eval_flip_tta``)."""
     with torch.no_grad():
         conf, preds = A.confidences(model.eval_logits(x))
     ex = A.exit_index(conf, thr)
-    return preds.gather(0, ex[None])[0], torch.tensor(model.nesting)[ex], ex, conf
+    return preds.gather(0, ex[None])[0], torch.tensor(model.model.dims)[ex], ex, conf
 
 
 @pytest.mark.parametrize("eval_flip_tta", [False, True], ids=["plain", "flip_tta"])
 @pytest.mark.parametrize("head", ["mrl", "mrl_e"])
 def test_predict_adaptive_equals_selecting_from_full_logits(head, eval_flip_tta, monkeypatch):
-    """predict_adaptive() differs from selecting from full per-size logits, or evaluates decided images."""
-    model, x = _untrained(head, eval_flip_tta), _images()
+    """predict_adaptive() (with flip_tta: of the image and its mirror image) differs from selecting from
+    the full per-size evaluation logits, or evaluates decided images."""
+    task, x = _untrained(head, eval_flip_tta), _images()
+    model = task.model
     with torch.no_grad():
-        conf, _ = A.confidences(model.eval_logits(x))
+        conf, _ = A.confidences(task.eval_logits(x))
     thr = _gap_thresholds(conf)
     assert float((conf[:-1] - thr[:, None]).abs().min()) > 1e-5  # no decision rests on rounding
-    ref_preds, ref_sizes, ex, _ = _reference_cascade(model, x, thr)
+    ref_preds, ref_sizes, ex, _ = _reference_cascade(task, x, thr)
     assert len(ex.unique()) >= 3  # a real mix of exit sizes
 
     calls: list[tuple[int, int, bool]] = []
@@ -448,9 +451,9 @@ def test_predict_adaptive_equals_selecting_from_full_logits(head, eval_flip_tta,
 
     monkeypatch.setattr(model.head, "block_logits", spy)
     with torch.no_grad():
-        preds, sizes = model.predict_adaptive(x, thresholds=thr)
+        preds, sizes = model.predict_adaptive(x, thresholds=thr, flip_tta=eval_flip_tta)
         model.adaptive_thresholds.copy_(thr)  # the fitted buffer is the default
-        preds_buf, sizes_buf = model.predict_adaptive(x)
+        preds_buf, sizes_buf = model.predict_adaptive(x, flip_tta=eval_flip_tta)
     assert preds.tolist() == ref_preds.tolist()
     assert sizes.tolist() == ref_sizes.tolist()
     assert preds_buf.tolist() == ref_preds.tolist() and sizes_buf.tolist() == ref_sizes.tolist()
@@ -465,7 +468,7 @@ def test_predict_adaptive_equals_selecting_from_full_logits(head, eval_flip_tta,
 @pytest.mark.parametrize("head", ["mrl", "mrl_e"])
 def test_predict_adaptive_extreme_thresholds(head, monkeypatch):
     """Thresholds 0 do not stop at the smallest size alone, or thresholds 1 do not reach the largest."""
-    model, x = _untrained(head), _images(12)
+    model, x = _untrained(head).model, _images(12)
     with torch.no_grad():
         logits = model.eval_logits(x)
     assert float(logits.softmax(-1).amax()) < 0.999
@@ -485,18 +488,18 @@ def test_predict_adaptive_extreme_thresholds(head, monkeypatch):
 
 def test_predict_adaptive_without_thresholds_fails_clearly():
     """predict_adaptive() without fitted thresholds does not name the callback, or takes a wrong count."""
-    model, x = _untrained(), _images(4)
+    model, x = _untrained().model, _images(4)
     assert bool(torch.isnan(model.adaptive_thresholds).all()) and model.adaptive_thresholds.shape == (4,)
     with pytest.raises(ValueError, match="AdaptiveClassificationCallback"):
         model.predict_adaptive(x)
-    with pytest.raises(ValueError, match=r"one threshold per nesting size but the last \(4\), got 2"):
+    with pytest.raises(ValueError, match=r"one threshold per size but the last \(4\), got 2"):
         model.predict_adaptive(x, thresholds=[0.5, 0.5])
 
 
 def test_predict_adaptive_fixed_feature_head():
     """A one-size (FF) model's cascade is not simply its only size."""
     torch.manual_seed(0)
-    model, x = MatryoshkaClassifier(num_classes=10, backbone="test_resnet", head="ff").eval(), _images(5)
+    model, x = MatryoshkaClassifier(num_classes=10, backbone="test_resnet", head="ff").model.eval(), _images(5)
     assert model.adaptive_thresholds.shape == (0,)
     with torch.no_grad():
         preds, sizes = model.predict_adaptive(x)
@@ -504,14 +507,16 @@ def test_predict_adaptive_fixed_feature_head():
     assert sizes.tolist() == [96] * 5
 
 
-def test_prediction_writer_adaptive_columns(tmp_path):
-    """Adaptive predict does not write index,target,adaptive_pred,adaptive_dims equal to predict_adaptive()."""
-    model, x = _untrained(adaptive_predict=True), _images(20, seed=5)
+@pytest.mark.parametrize("eval_flip_tta", [False, True], ids=["plain", "flip_tta"])
+def test_prediction_writer_adaptive_columns(tmp_path, eval_flip_tta):
+    """Adaptive predict does not write index,target,adaptive_pred,adaptive_dims equal to predict_adaptive()
+    (with the task's eval_flip_tta)."""
+    model, x = _untrained(eval_flip_tta=eval_flip_tta, adaptive_predict=True), _images(20, seed=5)
     y = torch.arange(20) % 10
     with torch.no_grad():
         conf, _ = A.confidences(model.eval_logits(x))
-        model.adaptive_thresholds.copy_(_gap_thresholds(conf))
-        ref_preds, ref_sizes = model.predict_adaptive(x)
+        model.model.adaptive_thresholds.copy_(_gap_thresholds(conf))
+        ref_preds, ref_sizes = model.model.predict_adaptive(x, flip_tta=eval_flip_tta)
     writer = PredictionWriter(output_dir=str(tmp_path))
     trainer = L.Trainer(accelerator="cpu", logger=False, callbacks=[writer], enable_progress_bar=False,
                         enable_model_summary=False)
@@ -565,7 +570,7 @@ def test_callback_logs_and_matches_independent_evaluation(fitted):
         assert key in m, sorted(m)
     assert cb.thresholds is not None and len(cb.thresholds) == 4
     assert all(0.0 <= t <= 1.0 for t in cb.thresholds)
-    assert fitted.model.adaptive_thresholds.tolist() == cb.thresholds
+    assert fitted.model.model.adaptive_thresholds.tolist() == cb.thresholds
     assert 8.0 <= m["adaptive/expected_dims"] <= m["adaptive/expected_head_cost"] <= sum(NEST)
     assert sum(f > 0 for f in cb.result["exit_fractions"]) >= 2  # a real cascade: several sizes answer
     # independent recomputation: the 4 validation batches in their (deterministic) order
@@ -609,21 +614,26 @@ def test_callback_writes_validation_curve(fitted):
 
 
 def test_thresholds_round_trip_through_checkpoint(fitted):
-    """Fitted thresholds are missing from last.ckpt (buffer, callback state) or lost by load_from_checkpoint."""
+    """Fitted thresholds are missing from last.ckpt (buffer, callback state) or lost by load_from_checkpoint
+    or MatryoshkaModel.from_checkpoint."""
     fitted_thr = fitted.cb.thresholds
     assert not any(math.isnan(t) for t in fitted_thr)
     ckpt = torch.load(fitted.ckpt, map_location="cpu", weights_only=False)
-    assert ckpt["state_dict"]["adaptive_thresholds"].tolist() == fitted_thr
+    assert ckpt["state_dict"]["model.adaptive_thresholds"].tolist() == fitted_thr
     state = ckpt["callbacks"]["AdaptiveClassificationCallback"]
     assert state["thresholds"] == fitted_thr and state["method"] == "budget"
     assert state["result"]["thresholds"] == fitted_thr
     loaded = MatryoshkaClassifier.load_from_checkpoint(str(fitted.ckpt), map_location="cpu").eval()
-    assert loaded.adaptive_thresholds.tolist() == fitted_thr
+    assert loaded.model.adaptive_thresholds.tolist() == fitted_thr
+    network = MatryoshkaModel.from_checkpoint(fitted.ckpt)
+    assert not network.training and network.adaptive_thresholds.tolist() == fitted_thr
     x = _images(8)
     with torch.no_grad():
-        a = loaded.predict_adaptive(x)
-        b = loaded.predict_adaptive(x, thresholds=fitted_thr)
+        a = loaded.model.predict_adaptive(x)
+        b = loaded.model.predict_adaptive(x, thresholds=fitted_thr)
+        c = network.predict_adaptive(x)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
     assert set(a[1].tolist()) <= set(NEST)
 
 
@@ -636,7 +646,7 @@ def test_test_evaluates_validation_thresholds_on_whole_test_set(fitted, tmp_path
                         callbacks=[cb], enable_progress_bar=False, enable_model_summary=False)
     trainer.test(model, datamodule=dm, ckpt_path=str(fitted.ckpt))
     assert cb.result["thresholds"] == fitted.cb.thresholds and cb.thresholds == fitted.cb.thresholds
-    assert model.adaptive_thresholds.tolist() == fitted.cb.thresholds
+    assert model.model.adaptive_thresholds.tolist() == fitted.cb.thresholds
     conf, preds, labels = _eval_outputs(model, dm.test_dataloader(), 4)
     res = A.evaluate_cascade(conf, preds, labels, NEST, fitted.cb.thresholds)  # all 256, no split
     assert cb.result["accuracy"] == pytest.approx(res.accuracy, abs=1e-9)
@@ -658,7 +668,7 @@ def test_test_without_fitted_thresholds_splits_the_test_set(tmp_path):
     trainer = L.Trainer(accelerator="cpu", devices=1, limit_test_batches=2, logger=False, callbacks=[cb],
                         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False)
     trainer.test(model, datamodule=dm, verbose=False)
-    assert model.adaptive_thresholds.tolist() == cb.thresholds
+    assert model.model.adaptive_thresholds.tolist() == cb.thresholds
     conf, preds, labels = _eval_outputs(model, dm.test_dataloader(), 2)
     cal, rest = A.calibration_split(128, 0.5, seed=3)
     refit = A.fit_thresholds(conf[:, cal], preds[:, cal], labels[cal], NEST, method="tolerance", tolerance=0.05)
@@ -689,14 +699,14 @@ def test_cli_predict_adaptive(fitted, run_dir, saved_flag):
         "--ckpt_path", str(ckpt_path), "--trainer.accelerator", "cpu", "--trainer.limit_predict_batches", "2",
         "--data.init_args.batch_size", "16", "--trainer.enable_progress_bar", "false",
     ])
-    assert c.model.adaptive_thresholds.tolist() == fitted.cb.thresholds  # the buffer came from the checkpoint
+    assert c.model.model.adaptive_thresholds.tolist() == fitted.cb.thresholds  # the buffer came from the checkpoint
     path = (run_dir / c.trainer.log_dir / "predictions.csv").resolve()
     rows = _read_csv(path)
     assert list(rows[0]) == ["index", "target", "adaptive_pred", "adaptive_dims"]
     assert len(rows) == 32 and [int(r["index"]) for r in rows] == list(range(32))
     assert {int(r["adaptive_dims"]) for r in rows} <= set(NEST)
     assert len({int(r["adaptive_dims"]) for r in rows}) >= 2
-    loaded = MatryoshkaClassifier.load_from_checkpoint(str(fitted.ckpt), map_location="cpu").eval()
+    loaded = MatryoshkaModel.from_checkpoint(fitted.ckpt)
     dm = QuickstartDataModule(batch_size=16)
     dm.setup("predict")
     preds, sizes, targets = [], [], []

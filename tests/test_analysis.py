@@ -2,7 +2,7 @@
 
 Unit tests of the probes and the per-sample helpers on hand-made tensors, then one short real
 quickstart session (ResNet test model, 1 epoch on a few batches: MRL, the standard model as
-``--model.ff_dim 96``, each tested; ``mrl-vision truncate`` of the standard model) that the report
+``--model.head ff --model.dims '[96]'``, each tested; ``mrl-vision truncate`` of the standard model) that the report
 command and both notebooks run against. The notebooks execute headless through nbclient.
 """
 
@@ -18,9 +18,11 @@ import nbformat
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_RESNET_NESTING, TEST_RESNET_WIDTH
-from mrl_vision import MatryoshkaClassifier, analysis, report
+from conftest import QUICKSTART_CONFIG, REPO_ROOT, TEST_RESNET_DIMS, TEST_RESNET_WIDTH
+from mrl_vision import MatryoshkaClassifier, analysis
 from mrl_vision.cli import cli, main
+from mrl_vision.heads import FixedFeatureHead, MatryoshkaHead
+from mrl_vision.model import upgrade_config
 from mrl_vision.truncation import fit_linear_probe, probe_accuracy, svd_basis, truncation_table
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
@@ -32,14 +34,32 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- FF in one override
-def test_ff_dim_is_one_override():
-    """`ff_dim` does not turn an MRL config into the FF baseline at that size, or accepts a bad size."""
-    m = MatryoshkaClassifier(num_classes=10, backbone="test_resnet", head="mrl", nesting=[8, 16, 96], ff_dim=16)
-    assert m.head_kind == "ff" and m.nesting == [16]
-    assert MatryoshkaClassifier(num_classes=10, backbone="test_resnet", head="ff_projection", ff_dim=8).head_kind == "ff_projection"
-    for bad in (0, TEST_RESNET_WIDTH + 1, 2.5, True):
-        with pytest.raises(ValueError, match="ff_dim"):
-            MatryoshkaClassifier(num_classes=10, backbone="test_resnet", ff_dim=bad)
+def test_ff_is_one_override(run_dir):
+    """`--model.head ff --model.dims '[m]'` does not turn an MRL config into the FF baseline at that
+    size, a bad FF size is accepted, or an old checkpoint's `ff_dim` is not read as that baseline."""
+    base = ["--config", str(QUICKSTART_CONFIG), "--model.backbone", "test_resnet", "--trainer.accelerator", "cpu"]
+    mrl = cli(base, run=False).model.model
+    assert mrl.head_kind == "mrl" and isinstance(mrl.head, MatryoshkaHead) and mrl.dims == TEST_RESNET_DIMS
+    c = cli([*base, "--model.head", "ff", "--model.dims", "[16]"], run=False)
+    ff = c.model.model
+    assert c.model.hparams.head == "ff" and c.model.hparams.dims == [16]
+    assert ff.head_kind == "ff" and ff.dims == [16] and ff.width == TEST_RESNET_WIDTH
+    assert isinstance(ff.head, FixedFeatureHead) and ff.head.dim == 16 and ff.head.projection is None
+    assert ff(torch.randn(2, 3, 32, 32)).shape == (1, 2, 10)
+    proj = MatryoshkaClassifier(num_classes=10, backbone="test_resnet", head="ff_projection", dims=[8]).model
+    assert proj.head_kind == "ff_projection" and proj.dims == [8] and proj.head.projection is not None
+    for bad in ([0], [TEST_RESNET_WIDTH + 1], [2.5], [True], [8, 16]):
+        with pytest.raises(ValueError, match="dims"):
+            MatryoshkaClassifier(num_classes=10, backbone="test_resnet", head="ff", dims=bad)
+    # hyperparameters of a checkpoint written before the rename: nesting and ff_dim
+    old = {"num_classes": 10, "backbone": "test_resnet", "head": "mrl", "nesting": [8, 16, 96], "ff_dim": 16}
+    new = upgrade_config(old)
+    assert new["head"] == "ff" and new["dims"] == [16] and "ff_dim" not in new and "nesting" not in new
+    assert old["ff_dim"] == 16 and old["nesting"] == [8, 16, 96]  # the caller's dict is left alone
+    assert MatryoshkaClassifier(**new).model.dims == [16]
+    kept = upgrade_config({"head": "ff_projection", "ff_dim": 8})
+    assert kept["head"] == "ff_projection" and kept["dims"] == [8]
+    assert upgrade_config({"head": "mrl", "nesting": [8, 16]}) == {"head": "mrl", "dims": [8, 16]}
 
 
 # ----------------------------------------------------------------------------- probes
@@ -92,7 +112,7 @@ def test_per_class_and_misclassified_on_hand_made_logits():
     worst = analysis.most_misclassified(logits, labels, [8, 16], 8, classes=["a", "b", "c"], k=2)
     assert worst[0] == {"class": "b", "samples": 2, "errors": 2, "error %": 100.0, "taken for": "c"}
     assert len(worst) == 2
-    with pytest.raises(ValueError, match="dims=32"):
+    with pytest.raises(ValueError, match="dim=32 is not one of the sizes"):
         analysis.per_class_accuracy(logits, labels, [8, 16], 32)
     # softmax of 3 vs 0 logits: confidence 0.9094 at size 8 for every sample; a threshold of 0.95 sends all on
     sizes, counts = analysis.exit_sizes(logits, [0.5], [8, 16])
@@ -122,7 +142,7 @@ def session(tmp_path_factory) -> Path:
     try:
         runs = work / "runs" / "q"
         _fit_and_test(runs, "mrl")
-        _fit_and_test(runs, "ff96", "--model.ff_dim", str(TEST_RESNET_WIDTH))
+        _fit_and_test(runs, "ff96", "--model.head", "ff", "--model.dims", f"[{TEST_RESNET_WIDTH}]")
         main(["truncate", "--ckpt_path", str(runs / "ff96" / "checkpoints" / "last.ckpt"), "--out", str(runs / "truncated"),
               "--sizes", "8", "16", "96", "--fit-split", "val", "--data.init_args.batch_size", "250"])
     finally:
@@ -154,7 +174,7 @@ def test_report_command(session, tmp_path, capsys):
     for name in ("accuracy_vs_dims.png", "accuracy_vs_dims.csv", "accuracy_vs_dims.md", "adaptive.png", "adaptive.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     table = _read_csv(out / "accuracy_vs_dims.csv")
-    assert [int(r["dims"]) for r in table] == sorted(set(TEST_RESNET_NESTING) | {8, 16, 96})
+    assert [int(r["dims"]) for r in table] == sorted(set(TEST_RESNET_DIMS) | {8, 16, 96})
     cols = set(table[0])
     assert {"FF", "standard, first m dims + linear probe", "standard, SVD to m dims + linear probe"} <= cols
     assert any(c.startswith("MRL (") for c in cols)  # two MRL runs (tested and validated): told apart by folder

@@ -1,5 +1,5 @@
 """End-to-end tests through the real ``mrl-vision`` entry point (LightningCLI), on the quickstart
-digits with timm's tiny ``test_resnet`` (width 96, nesting 8..96)."""
+digits with timm's tiny ``test_resnet`` (width 96, dims 8..96)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import CONFIG_DIR, QUICKSTART_CONFIG, TEST_RESNET_NESTING
+from conftest import CONFIG_DIR, JPEG_CLASSES, QUICKSTART_ARGS, QUICKSTART_CONFIG, TEST_RESNET_DIMS, short_quickstart_fit
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from mrl_vision.callbacks import PredictionWriter
+from mrl_vision.callbacks import AccuracyReport, PredictionWriter
 from mrl_vision.cli import cli, quickstart_config, with_default_config
-from mrl_vision.data import ImageFolderDataModule, QuickstartDataModule
+from mrl_vision.data import ImageFolderDataModule, MatryoshkaDataModule, QuickstartDataModule
 from mrl_vision.data.quickstart import MNIST_MEAN, MNIST_STD, load_mnist_digits
 from mrl_vision.heads import FixedFeatureHead, MatryoshkaHead
-from mrl_vision.model import MatryoshkaClassifier
+from mrl_vision import MatryoshkaClassifier
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval"),
@@ -31,13 +31,7 @@ pytestmark = [
 ]
 
 Q = str(QUICKSTART_CONFIG)
-BASE = [
-    "--config", Q,
-    "--model.backbone", "test_resnet",
-    "--trainer.accelerator", "cpu",
-    "--data.init_args.batch_size", "16",
-    "--trainer.enable_progress_bar", "false",
-]
+BASE = QUICKSTART_ARGS
 ALL_CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
 
 
@@ -50,13 +44,9 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def trained(tmp_path_factory) -> Path:
     """A checkpoint from a short real fit (1 epoch, 2 train batches, 2 val batches)."""
     work = tmp_path_factory.mktemp("fit")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(work)
-        mp.setattr(sys, "argv", ["mrl-vision"])
-        c = cli(["fit", *BASE, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-                 "--trainer.limit_val_batches", "2"])
-        assert c.trainer.global_step == 2
-        ckpt = Path(c.trainer.checkpoint_callback.last_model_path).resolve()
+    c = short_quickstart_fit(work)
+    assert c.trainer.global_step == 2
+    ckpt = c.checkpoint
     assert ckpt.is_file() and ckpt.name == "last.ckpt"
     assert ckpt.parent == work / "runs" / "quickstart" / "version_0" / "checkpoints"
     return ckpt
@@ -81,22 +71,31 @@ def test_fit_fast_dev_run(run_dir):
     """`mrl-vision fit` on the quickstart with test_resnet does not run one training step."""
     c = cli(["fit", *BASE, "--trainer.fast_dev_run", "1"])
     assert isinstance(c.datamodule, QuickstartDataModule)
-    assert c.model.num_classes == 10  # linked from the data module
-    assert c.model.hparams.backbone == "test_resnet" and c.model.nesting == TEST_RESNET_NESTING
+    # linked from the data module: the class count, the class names, the input size, the normalisation
+    assert c.model.hparams.num_classes == c.model.model.num_classes == 10
+    assert c.model.model.class_names == c.datamodule.class_names and len(c.datamodule.class_names) == 10
+    assert c.model.model.input_size == c.datamodule.input_size
+    assert c.model.model.mean == pytest.approx(list(c.datamodule.mean))
+    assert c.model.model.std == pytest.approx(list(c.datamodule.std))
+    assert c.model.hparams.backbone == "test_resnet" and c.model.model.dims == TEST_RESNET_DIMS
     assert c.trainer.global_step == 1 and c.trainer.state.finished
     # the config's optimisation reached the optimizer: SGD, wd 5e-4 on weights, none on 1-D params
+    # (timm's parameter groups: [no decay, decay])
     opt = c.trainer.optimizers[0]
     assert isinstance(opt, torch.optim.SGD)
     wd = float(yaml.safe_load(QUICKSTART_CONFIG.read_text())["model"]["weight_decay"])
-    assert wd > 0 and [g["weight_decay"] for g in opt.param_groups] == [wd, 0.0]
-    assert all(p.ndim <= 1 for p in opt.param_groups[1]["params"])
+    assert wd > 0 and [g["weight_decay"] for g in opt.param_groups] == [0.0, wd]
+    assert all(p.ndim <= 1 for p in opt.param_groups[0]["params"])
 
 
 def test_test_fast_dev_run(run_dir):
-    """`mrl-vision test` with fast_dev_run does not evaluate every nesting size."""
+    """`mrl-vision test` with fast_dev_run does not evaluate every size (AccuracyReport.rows)."""
     c = cli(["test", *BASE, "--trainer.fast_dev_run", "1"])
-    assert [r["dims"] for r in c.model.test_results] == TEST_RESNET_NESTING
-    assert all(0.0 <= r["top1"] <= r["top5"] <= 100.0 for r in c.model.test_results)
+    reports = [cb for cb in c.trainer.callbacks if isinstance(cb, AccuracyReport)]
+    assert len(reports) == 1  # added by `mrl-vision test`
+    rows = reports[0].rows
+    assert [r["dims"] for r in rows] == TEST_RESNET_DIMS
+    assert all(0.0 <= r["top1"] <= r["top5"] <= 100.0 for r in rows)
 
 
 def test_predict_fast_dev_run(run_dir):
@@ -118,7 +117,7 @@ def test_test_writes_accuracy_report(run_dir, trained):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = _read_csv(csv_path)
     assert list(rows[0]) == ["dims", "top1", "top5"]
-    assert [int(r["dims"]) for r in rows] == TEST_RESNET_NESTING
+    assert [int(r["dims"]) for r in rows] == TEST_RESNET_DIMS
     # independent computation: the checkpoint's accuracy on the same 32 test images
     logits, y = _reference_logits(trained, 32)
     for g, r in enumerate(rows):
@@ -135,7 +134,7 @@ def test_predict_writes_predictions_csv(run_dir, trained):
     path = (run_dir / c.trainer.log_dir / "predictions.csv").resolve()
     assert path.parent == run_dir / "runs" / "quickstart" / "version_0"
     rows = _read_csv(path)
-    m = TEST_RESNET_NESTING
+    m = TEST_RESNET_DIMS
     assert list(rows[0]) == ["index", "target"] + [f"pred@{s}" for s in m] + [f"conf@{s}" for s in m]
     assert [int(r["index"]) for r in rows] == list(range(32))
     logits, y = _reference_logits(trained, 32)
@@ -197,7 +196,7 @@ def test_every_config_parses(path, run_dir, capsys):
         assert _lookup(printed, key) == value, key
 
 
-# file -> (head class, efficient, nesting)
+# file -> (head class, efficient, dims)
 MRL_512 = [8, 16, 32, 64, 128, 256, 512]
 MRL_2048 = [8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 MRL_384 = [8, 16, 32, 64, 128, 256, 384]
@@ -221,13 +220,14 @@ def test_model_config_table_is_complete():
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_model_configs_instantiate(name, run_dir):
-    """A model config does not build the head kind and nesting it documents."""
-    head_cls, efficient, nesting, width = MODEL_CONFIGS[name]
+    """A model config does not build the head kind and dims it documents."""
+    head_cls, efficient, dims, width = MODEL_CONFIGS[name]
     c = cli(["--config", Q, "--config", str(CONFIG_DIR / "model" / name)], run=False)
-    assert isinstance(c.model.head, head_cls)
-    assert c.model.width == width and c.model.nesting == nesting
-    assert getattr(c.model.head, "efficient", False) == efficient
-    assert c.model.num_classes == 10
+    model = c.model.model
+    assert isinstance(model.head, head_cls)
+    assert model.width == width and model.dims == dims
+    assert getattr(model.head, "efficient", False) == efficient
+    assert c.model.hparams.num_classes == model.num_classes == model.head.num_classes == 10
 
 
 @pytest.mark.parametrize("rel", ["data/imagefolder.yaml", "imagenet/resnet_imagefolder.yaml"])
@@ -238,10 +238,11 @@ def test_imagefolder_configs_instantiate(rel, run_dir, jpeg_tree):
         args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
     c = cli(args, run=False)
     assert isinstance(c.datamodule, ImageFolderDataModule)
-    assert c.datamodule.num_classes == 3 and c.model.num_classes == 3
-    assert c.model.head.num_classes == 3
+    assert c.datamodule.num_classes == 3 and c.model.hparams.num_classes == 3
+    assert c.model.model.num_classes == 3 and c.model.model.head.num_classes == 3
+    assert c.model.model.class_names == list(JPEG_CLASSES)
     if rel.startswith("imagenet"):
-        assert c.model.nesting == MRL_2048 and c.model.hparams.lr_schedule == "triangular"
+        assert c.model.model.dims == MRL_2048 and c.model.hparams.lr_schedule == "triangular"
         assert c.datamodule.batch_size == 512 and c.model.hparams.channels_last
 
 
@@ -254,8 +255,13 @@ def test_cpu_trainer_config_instantiates(run_dir):
 
 
 # ----------------------------------------------------------------------------- bad labels
-class _DigitsWithBadLabel(L.LightningDataModule):
-    """Eight real quickstart digits; one carries label 12 although there are 10 classes."""
+class _DigitsWithBadLabel(MatryoshkaDataModule):
+    """Eight real quickstart digits; one carries label 12 although there are 10 classes. A
+    ``MatryoshkaDataModule``: the label check is its ``on_before_batch_transfer``."""
+
+    class_names = [str(i) for i in range(10)]
+    input_size, mean, std = 32, MNIST_MEAN, MNIST_STD
+    batch_size, num_workers = 8, 0
 
     def __init__(self) -> None:
         super().__init__()
@@ -267,12 +273,12 @@ class _DigitsWithBadLabel(L.LightningDataModule):
         y[5] = 12
         self.data = TensorDataset(x.contiguous(), y)
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.data, batch_size=8)
+    def dataset(self, split: str, evaluate: bool | None = None) -> TensorDataset:
+        return self.data
 
 
 def test_out_of_range_label_fails_clearly_in_fit(run_dir):
-    """A label >= num_classes reaches cross-entropy instead of a ValueError naming it."""
+    """A label >= num_classes reaches cross-entropy instead of the data module's ValueError naming it."""
     model = MatryoshkaClassifier(num_classes=10, backbone="test_resnet")
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)

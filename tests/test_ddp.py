@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from conftest import QUICKSTART_CONFIG, write_jpeg_tree
-from mrl_vision import MatryoshkaClassifier
+from mrl_vision import MatryoshkaClassifier, MatryoshkaModel
 from mrl_vision.data import ImageFolderDataModule
 
 pytestmark = pytest.mark.slow
@@ -128,7 +128,8 @@ def _test_run(kind: str, setup: dict, devices: int) -> Path:
 
 def _direct_accuracy(setup: dict) -> dict[int, float]:
     """Per-size top-1 of the checkpoint over every evaluation image exactly once, in one process."""
-    model = MatryoshkaClassifier.load_from_checkpoint(str(setup["ckpt"]), map_location="cpu").eval()
+    model = MatryoshkaModel.from_checkpoint(setup["ckpt"])  # the network alone, in eval mode
+    assert not model.training
     dm = ImageFolderDataModule(str(setup["images"]), image_size=32, eval_crop_ratio=1.0, batch_size=64, num_workers=0)
     dm.setup("test")
     logits, labels = [], []
@@ -138,7 +139,7 @@ def _direct_accuracy(setup: dict) -> dict[int, float]:
             labels.append(y)
     logits, labels = torch.cat(logits, 1), torch.cat(labels)
     assert labels.numel() == len(CLASSES) * EVAL_PER_CLASS
-    return {m: (logits[g].argmax(-1) == labels).float().mean().item() for g, m in enumerate(model.nesting)}
+    return {m: (logits[g].argmax(-1) == labels).float().mean().item() for g, m in enumerate(model.dims)}
 
 
 def _per_size(log_dir: Path) -> dict[int, float]:

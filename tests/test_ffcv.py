@@ -32,7 +32,7 @@ from conftest import (  # noqa: E402
     CONFIG_DIR,
     JPEG_CLASSES,
     JPEG_TRAIN_PER_CLASS,
-    TEST_RESNET_NESTING,
+    TEST_RESNET_DIMS,
     write_colour_jpeg_tree,
 )
 from ffcv.reader import Reader  # noqa: E402
@@ -44,7 +44,7 @@ from mrl_vision.data import FFCVDataModule, QuickstartDataModule  # noqa: E402
 from mrl_vision.data.beton import SIDECAR_KEYS, check_beton  # noqa: E402
 from mrl_vision.data.ffcv_loader import precision_dtype  # noqa: E402
 from mrl_vision.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from mrl_vision.model import MatryoshkaClassifier  # noqa: E402
+from mrl_vision import MatryoshkaClassifier  # noqa: E402
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval"),
@@ -679,7 +679,8 @@ def test_progressive_resizing_needs_a_resizable_data_module(run_dir):
     model = MatryoshkaClassifier(num_classes=10, backbone="test_resnet")
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ProgressiveResizing()])
-    with pytest.raises(TypeError, match="QuickstartDataModule has none"):
+    with pytest.raises(TypeError, match=r"ProgressiveResizing needs a data module that can change its training "
+                       r"resolution; QuickstartDataModule cannot \(use FFCVDataModule\)"):
         trainer.fit(model, datamodule=QuickstartDataModule(batch_size=16))
     assert trainer.global_step == 0
 
@@ -695,7 +696,7 @@ def test_eval_flip_tta_sums_mirror_logits():
     with torch.no_grad():
         got = tta.eval_logits(x)
         expected = tta(x) + tta(x.flip(-1))
-        assert got.shape == (len(TEST_RESNET_NESTING), 2, 3)
+        assert got.shape == (len(TEST_RESNET_DIMS), 2, 3)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(got, 2 * tta(x), atol=1e-3)  # the mirror image matters here
         assert not torch.allclose(got, tta(x) + tta(x.flip(-2)), atol=1e-3)  # horizontal, not vertical
@@ -717,7 +718,7 @@ def test_cli_fit_and_test_on_quickstart_betons(run_dir, background):
               "--data.init_args.num_workers", "1", "--trainer.enable_progress_bar", "false"]
     # fit reads the config's own relative paths (data/quickstart/*.beton under the working directory)
     c = cli(["fit", *common, "--trainer.max_epochs", "1"])
-    assert isinstance(c.datamodule, FFCVDataModule) and c.model.num_classes == 10
+    assert isinstance(c.datamodule, FFCVDataModule) and c.model.hparams.num_classes == c.model.model.num_classes == 10
     assert c.trainer.global_step == 2  # 200 images, batch 128, drop_last false
     assert "val/top1@8" in c.trainer.callback_metrics
     ckpt = run_dir / "runs" / "quickstart_ffcv" / "version_0" / "checkpoints" / "last.ckpt"
@@ -726,7 +727,7 @@ def test_cli_fit_and_test_on_quickstart_betons(run_dir, background):
     t = cli(["test", *common, "--data.init_args.test_path", test_beton, "--ckpt_path", str(ckpt)])
     assert t.datamodule.paths["test"] == test_beton
     rows = _read_csv(run_dir / t.trainer.log_dir / "test_accuracy.csv")
-    assert [int(r["dims"]) for r in rows] == TEST_RESNET_NESTING
+    assert [int(r["dims"]) for r in rows] == TEST_RESNET_DIMS
     assert all(0.0 <= float(r["top1"]) <= float(r["top5"]) <= 100.0 for r in rows)
     top1 = float(t.trainer.callback_metrics["test/top1@8"])
     assert 0.0 <= top1 <= 1.0 and float(rows[0]["top1"]) == pytest.approx(100 * top1)

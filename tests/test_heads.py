@@ -1,4 +1,4 @@
-"""Unit tests of the nesting rules and the Matryoshka / fixed-feature heads."""
+"""Unit tests of the dims rules and the Matryoshka / fixed-feature heads."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mrl_vision.heads import FixedFeatureHead, MatryoshkaHead, NestedLinear, default_nesting, validate_nesting
+from mrl_vision.heads import FixedFeatureHead, MatryoshkaHead, NestedLinear, default_dims, validate_dims
 
-NESTING = [4, 8, 16, 24]
+DIMS = [4, 8, 16, 24]
 WIDTH, CLASSES, N = 24, 5, 6
 
 
@@ -19,12 +19,12 @@ def _z(width: int = WIDTH, n: int = N, dtype=torch.float32, seed: int = 0) -> to
     return torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def _head(efficient: bool, dtype=torch.float32, nesting=NESTING, width=WIDTH) -> MatryoshkaHead:
+def _head(efficient: bool, dtype=torch.float32, dims=DIMS, width=WIDTH) -> MatryoshkaHead:
     torch.manual_seed(1)
-    return MatryoshkaHead(width, CLASSES, nesting, efficient=efficient).to(dtype)
+    return MatryoshkaHead(width, CLASSES, dims, efficient=efficient).to(dtype)
 
 
-# ----------------------------------------------------------------------------- nesting
+# ----------------------------------------------------------------------------- dims
 @pytest.mark.parametrize(
     "width, expected",
     [
@@ -36,46 +36,46 @@ def _head(efficient: bool, dtype=torch.float32, nesting=NESTING, width=WIDTH) ->
         (5, [5]),
     ],
 )
-def test_default_nesting(width, expected):
-    """default_nesting no longer gives powers of two from 8 ending exactly at the width."""
-    assert default_nesting(width) == expected
+def test_default_dims(width, expected):
+    """default_dims no longer gives powers of two from 8 ending exactly at the width."""
+    assert default_dims(width) == expected
 
 
-def test_default_nesting_rejects_zero_width():
-    """default_nesting accepts a width < 1 instead of naming it in a ValueError."""
+def test_default_dims_rejects_zero_width():
+    """default_dims accepts a width < 1 instead of naming it in a ValueError."""
     with pytest.raises(ValueError, match="0"):
-        default_nesting(0)
+        default_dims(0)
 
 
 class _Hang(Exception):
     pass
 
 
-def test_default_nesting_rejects_non_positive_smallest():
-    """default_nesting with a non-positive `smallest` must raise ValueError, not loop forever."""
+def test_default_dims_rejects_non_positive_smallest():
+    """default_dims with a non-positive `smallest` must raise ValueError, not loop forever."""
     smallest = 0  # a negative start also loops forever, with ever larger ints
 
     def on_alarm(signum, frame):
-        raise _Hang(f"default_nesting(96, smallest={smallest}) did not return within 1 s")
+        raise _Hang(f"default_dims(96, smallest={smallest}) did not return within 1 s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, 1.0)
     try:
         with pytest.raises(ValueError, match=re.escape(str(smallest))):
-            default_nesting(96, smallest=smallest)
+            default_dims(96, smallest=smallest)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
 
 
-def test_validate_nesting_accepts_and_returns_a_list():
-    """validate_nesting rejects a valid tuple or does not return it as a plain list."""
-    assert validate_nesting((8, 16, 96), 96) == [8, 16, 96]
-    assert validate_nesting([96], 96) == [96]
+def test_validate_dims_accepts_and_returns_a_list():
+    """validate_dims rejects a valid tuple or does not return it as a plain list."""
+    assert validate_dims((8, 16, 96), 96) == [8, 16, 96]
+    assert validate_dims([96], 96) == [96]
 
 
 @pytest.mark.parametrize(
-    "nesting, bad",
+    "dims, bad",
     [
         ([], "empty"),
         ([0, 8], "0"),
@@ -88,20 +88,20 @@ def test_validate_nesting_accepts_and_returns_a_list():
         ([True, 8], "True"),
     ],
 )
-def test_validate_nesting_errors_name_the_bad_value(nesting, bad):
-    """A bad nesting list is accepted, or its ValueError does not name the offending value."""
+def test_validate_dims_errors_name_the_bad_value(dims, bad):
+    """A bad dims list is accepted, or its ValueError does not name the offending value."""
     with pytest.raises(ValueError, match=re.escape(bad)):
-        validate_nesting(nesting, 96)
+        validate_dims(dims, 96)
 
 
-def test_validate_nesting_error_messages_say_why():
-    """The nesting errors no longer say which rule (duplicate / order / width) was broken."""
+def test_validate_dims_error_messages_say_why():
+    """The dims errors no longer say which rule (duplicate / order / width) was broken."""
     with pytest.raises(ValueError, match="twice"):
-        validate_nesting([8, 8], 96)
+        validate_dims([8, 8], 96)
     with pytest.raises(ValueError, match="increasing"):
-        validate_nesting([16, 8], 96)
+        validate_dims([16, 8], 96)
     with pytest.raises(ValueError, match="width 96"):
-        validate_nesting([8, 97], 96)
+        validate_dims([8, 97], 96)
 
 
 # ----------------------------------------------------------------------------- MRL head
@@ -109,22 +109,22 @@ def test_validate_nesting_error_messages_say_why():
 def test_head_output_shape(efficient):
     """A head does not return logits stacked as [G, N, C]."""
     head = _head(efficient)
-    assert head(_z()).shape == (len(NESTING), N, CLASSES)
+    assert head(_z()).shape == (len(DIMS), N, CLASSES)
 
 
 def test_mrl_logits_follow_nesting_order():
     """MRL logits[g] is not the g-th Linear applied to the prefix z[:, :m_g]."""
     head, z = _head(False), _z()
     logits = head(z)
-    assert [lin.in_features for lin in head.linears] == NESTING
-    for g, m in enumerate(NESTING):
+    assert [lin.in_features for lin in head.linears] == DIMS
+    for g, m in enumerate(DIMS):
         lin = head.linears[g]
         expected = z[:, :m] @ lin.weight.T + lin.bias
         torch.testing.assert_close(logits[g], expected, rtol=1e-5, atol=1e-6)
 
 
-def _naive_mrle(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, nesting) -> torch.Tensor:
-    return torch.stack([z[:, :m] @ w[:, :m].T + b for m in nesting])
+def _naive_mrle(z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, dims) -> torch.Tensor:
+    return torch.stack([z[:, :m] @ w[:, :m].T + b for m in dims])
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
@@ -132,13 +132,13 @@ def test_mrle_fused_logits_match_naive(dtype, tol):
     """The fused (cumulative-sum) MRL-E logits differ from z[:, :m] @ W[:, :m].T + b per size."""
     head, z = _head(True, dtype), _z(dtype=dtype)
     w, b = head.linear.weight.detach(), head.linear.bias.detach()
-    assert w.shape == (CLASSES, NESTING[-1])
-    torch.testing.assert_close(head(z), _naive_mrle(z, w, b, NESTING), rtol=tol, atol=tol)
+    assert w.shape == (CLASSES, DIMS[-1])
+    torch.testing.assert_close(head(z), _naive_mrle(z, w, b, DIMS), rtol=tol, atol=tol)
 
 
 def test_mrle_with_nesting_below_width_reads_only_the_prefix():
-    """MRL-E with nesting[-1] < width reads features beyond the largest size."""
-    head, z = _head(True, nesting=[4, 8, 12]), _z()
+    """MRL-E with dims[-1] < width reads features beyond the largest size."""
+    head, z = _head(True, dims=[4, 8, 12]), _z()
     w, b = head.linear.weight.detach(), head.linear.bias.detach()
     assert w.shape == (CLASSES, 12)
     out = head(z)
@@ -156,10 +156,10 @@ def test_mrle_fused_gradients_match_naive(dtype, tol):
     z2 = z1.detach().clone().requires_grad_(True)
     w2 = head.linear.weight.detach().clone().requires_grad_(True)
     b2 = head.linear.bias.detach().clone().requires_grad_(True)
-    coeff = torch.randn(len(NESTING), N, CLASSES, generator=torch.Generator().manual_seed(3), dtype=dtype)
+    coeff = torch.randn(len(DIMS), N, CLASSES, generator=torch.Generator().manual_seed(3), dtype=dtype)
 
     (head(z1) * coeff).sum().backward()
-    (_naive_mrle(z2, w2, b2, NESTING) * coeff).sum().backward()
+    (_naive_mrle(z2, w2, b2, DIMS) * coeff).sum().backward()
 
     torch.testing.assert_close(head.linear.weight.grad, w2.grad, rtol=tol, atol=tol)
     torch.testing.assert_close(head.linear.bias.grad, b2.grad, rtol=tol, atol=tol)
@@ -192,7 +192,7 @@ def test_logits_at_equals_forward_slice(efficient):
     """logits_at(z, m) is not the forward logits of size m."""
     head, z = _head(efficient), _z()
     full = head(z)
-    for g, m in enumerate(NESTING):
+    for g, m in enumerate(DIMS):
         torch.testing.assert_close(head.logits_at(z, m), full[g], rtol=1e-5, atol=1e-6)
 
 
@@ -200,7 +200,7 @@ def test_mrle_logits_at_matches_naive_formula():
     """MRL-E logits_at(z, m) is not z[:, :m] @ W[:, :m].T + b."""
     head, z = _head(True, torch.float64), _z(dtype=torch.float64)
     w, b = head.linear.weight.detach(), head.linear.bias.detach()
-    for m in NESTING:
+    for m in DIMS:
         torch.testing.assert_close(head.logits_at(z, m), z[:, :m] @ w[:, :m].T + b, rtol=1e-12, atol=1e-12)
 
 
@@ -210,7 +210,7 @@ def test_block_logits_chain_reproduces_forward(efficient):
     head, z = _head(efficient, torch.float64), _z(dtype=torch.float64)
     full = head(z)
     previous = None
-    for g in range(len(NESTING)):
+    for g in range(len(DIMS)):
         previous = head.block_logits(z, g, previous)
         torch.testing.assert_close(previous, full[g], rtol=1e-12, atol=1e-12)
 
@@ -226,22 +226,22 @@ def test_mrle_block_logits_only_reads_the_new_block():
 
 @pytest.mark.parametrize("efficient", [False, True])
 def test_index_of(efficient):
-    """index_of does not give a size's position, or accepts a size outside the nesting."""
+    """index_of does not give a size's position, or accepts a size outside the dims."""
     head = _head(efficient)
-    assert [head.index_of(m) for m in NESTING] == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match=r"size 5 is not a nesting size"):
+    assert [head.index_of(m) for m in DIMS] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match=r"dim 5 is not one of this mrl(_e)? head.s sizes"):
         head.index_of(5)
     with pytest.raises(ValueError, match=r"\[4, 8, 16, 24\]"):
         head.logits_at(_z(), 12)
 
 
 def test_head_rejects_bad_arguments():
-    """A head accepts num_classes < 1 or an invalid nesting."""
-    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+    """A head accepts num_classes < 1 or an invalid dims."""
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
         MatryoshkaHead(16, 0, [8, 16])
     with pytest.raises(ValueError, match="32"):
         MatryoshkaHead(16, 3, [8, 32])
-    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
         FixedFeatureHead(16, 0, 8)
     with pytest.raises(ValueError, match="32"):
         FixedFeatureHead(16, 3, 32)
@@ -292,8 +292,8 @@ def test_ff_projection_shapes_and_values():
 def test_ff_index_of_errors():
     """The FF head accepts a size other than its own."""
     head = FixedFeatureHead(WIDTH, CLASSES, 8)
-    assert head.nesting == [8] and head.index_of(8) == 0
-    with pytest.raises(ValueError, match=r"size 16 is not a nesting size.*\[8\]"):
+    assert head.dims == [8] and head.index_of(8) == 0
+    with pytest.raises(ValueError, match=r"dim 16 is not one of this ff head.s sizes \[8\]"):
         head.index_of(16)
     with pytest.raises(ValueError, match="16"):
         head.logits_at(_z(), 16)

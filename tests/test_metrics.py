@@ -67,24 +67,24 @@ def test_hand_made_accumulates_over_updates_and_resets():
 
 def test_random_logits_match_torchmetrics_micro_accuracy():
     """Per-size top-k differs from torchmetrics' micro MulticlassAccuracy over several batches."""
-    nesting, num_classes, top_k = [8, 16, 32], 7, [1, 3, 5]
+    dims, num_classes, top_k = [8, 16, 32], 7, [1, 3, 5]
     gen = torch.Generator().manual_seed(0)
-    acc = MatryoshkaAccuracy(nesting, num_classes, top_k)
+    acc = MatryoshkaAccuracy(dims, num_classes, top_k)
     refs = {
         (g, k): MulticlassAccuracy(num_classes=num_classes, top_k=k, average="micro")
-        for g in range(len(nesting))
+        for g in range(len(dims))
         for k in top_k
     }
     for n in (13, 5, 21, 1):
-        logits = torch.randn(len(nesting), n, num_classes, generator=gen)
+        logits = torch.randn(len(dims), n, num_classes, generator=gen)
         target = torch.randint(0, num_classes, (n,), generator=gen)
         acc.update(logits, target)
         for (g, k), ref in refs.items():
             ref.update(logits[g], target)
     out = acc.compute()
-    assert set(out) == {f"top{k}@{m}" for m in nesting for k in top_k}
+    assert set(out) == {f"top{k}@{m}" for m in dims for k in top_k}
     for (g, k), ref in refs.items():
-        torch.testing.assert_close(out[f"top{k}@{nesting[g]}"], ref.compute().float(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[f"top{k}@{dims[g]}"], ref.compute().float(), rtol=0, atol=1e-6)
 
 
 def test_top_k_above_num_classes_is_dropped():

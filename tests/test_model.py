@@ -1,5 +1,5 @@
-"""Tests of MatryoshkaClassifier, the backbone factory and the optimisation helpers (timm's tiny
-``test_resnet``, width 96, and ``test_vit``, width 64)."""
+"""Tests of MatryoshkaModel's inference API, the task's arguments, the backbone factory and the
+optimisation helpers (timm's tiny ``test_resnet``, width 96, and ``test_vit``, width 64)."""
 
 from __future__ import annotations
 
@@ -9,23 +9,30 @@ import time
 import lightning as L
 import pytest
 import torch
-from conftest import TEST_RESNET_NESTING, TEST_RESNET_WIDTH
+from conftest import TEST_RESNET_DIMS, TEST_RESNET_WIDTH
 from torch.utils.data import DataLoader, TensorDataset
 
 from mrl_vision.backbones import check_model_name, create_backbone
 from mrl_vision.heads import FixedFeatureHead, MatryoshkaHead
-from mrl_vision.model import MatryoshkaClassifier, check_labels
-from mrl_vision.optim import build_optimizer, lr_factor, param_groups
+from mrl_vision import MatryoshkaClassifier, MatryoshkaModel
+from mrl_vision.data.base import check_labels
+from mrl_vision.optim import build_optimizer, lr_factor
 
 pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
 C = 4
 
 
-def _model(**kwargs) -> MatryoshkaClassifier:
+def _model(**kwargs) -> MatryoshkaModel:
     torch.manual_seed(0)
     kwargs.setdefault("backbone", "test_resnet")
-    return MatryoshkaClassifier(num_classes=C, **kwargs).eval()
+    return MatryoshkaModel(num_classes=C, **kwargs).eval()
+
+
+def _task(**kwargs) -> MatryoshkaClassifier:
+    torch.manual_seed(0)
+    kwargs.setdefault("backbone", "test_resnet")
+    return MatryoshkaClassifier(num_classes=C, **kwargs)
 
 
 def _images(n: int = 3, seed: int = 0) -> torch.Tensor:
@@ -34,14 +41,14 @@ def _images(n: int = 3, seed: int = 0) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- inference API
 @pytest.mark.parametrize("head", ["mrl", "mrl_e"])
-def test_forward_shape_and_default_nesting(head):
-    """The model's logits are not [G, N, C], or the default nesting does not end at width 96."""
+def test_forward_shape_and_default_dims(head):
+    """The model's logits are not [G, N, C], or the default dims does not end at width 96."""
     model = _model(head=head)
     assert model.width == TEST_RESNET_WIDTH
-    assert model.nesting == TEST_RESNET_NESTING
+    assert model.dims == TEST_RESNET_DIMS
     assert isinstance(model.head, MatryoshkaHead) and model.head.efficient == (head == "mrl_e")
     with torch.no_grad():
-        assert model(_images(3)).shape == (len(TEST_RESNET_NESTING), 3, C)
+        assert model(_images(3)).shape == (len(TEST_RESNET_DIMS), 3, C)
 
 
 def test_features_are_timm_pooled_embedding():
@@ -55,7 +62,7 @@ def test_features_are_timm_pooled_embedding():
     torch.testing.assert_close(z, expected)
 
 
-@pytest.mark.parametrize("dim", TEST_RESNET_NESTING)
+@pytest.mark.parametrize("dim", TEST_RESNET_DIMS)
 def test_embed_is_feature_prefix(dim):
     """embed(x, dim) is not [N, dim] or not the first dim features (optionally L2-normalised)."""
     model, x = _model(), _images()
@@ -69,11 +76,11 @@ def test_embed_is_feature_prefix(dim):
 
 
 def test_embed_default_and_bad_dim():
-    """embed() without dim is not the full width, or a dim outside the nesting is accepted."""
+    """embed() without dim is not the full width, or a dim outside the dims is accepted."""
     model, x = _model(), _images()
     with torch.no_grad():
         assert model.embed(x).shape == (3, TEST_RESNET_WIDTH)
-    with pytest.raises(ValueError, match="size 12 is not a nesting size"):
+    with pytest.raises(ValueError, match="dim 12 is not one of this model.s sizes"):
         model.embed(x, 12)
 
 
@@ -83,10 +90,10 @@ def test_predict_equals_argmax_of_forward(head):
     model, x = _model(head=head), _images(6)
     with torch.no_grad():
         logits = model(x)
-        for g, m in enumerate(model.nesting):
+        for g, m in enumerate(model.dims):
             assert torch.equal(model.predict(x, m), logits[g].argmax(-1))
         assert torch.equal(model.predict(x), logits[-1].argmax(-1))
-    with pytest.raises(ValueError, match="size 10 is not a nesting size"):
+    with pytest.raises(ValueError, match="dim 10 is not one of this mrl(_e)? head.s sizes"):
         model.predict(x, 10)
 
 
@@ -101,30 +108,30 @@ def test_channels_last_gives_the_same_logits():
 
 # ----------------------------------------------------------------------------- FF heads
 def test_ff_head_defaults_to_full_width():
-    """head='ff' with nesting None is not a single classifier on the full 96-d width."""
+    """head='ff' with dims None is not a single classifier on the full 96-d width."""
     model = _model(head="ff")
     assert isinstance(model.head, FixedFeatureHead) and model.head.projection is None
-    assert model.nesting == [TEST_RESNET_WIDTH]
+    assert model.dims == [TEST_RESNET_WIDTH]
     with torch.no_grad():
         assert model(_images()).shape == (1, 3, C)
 
 
 def test_ff_head_at_one_size():
     """The ff model at m=32 does not embed/predict from z[:, :32], or accepts another size."""
-    model, x = _model(head="ff", nesting=[32]), _images()
+    model, x = _model(head="ff", dims=[32]), _images()
     with torch.no_grad():
         z = model.features(x)
         torch.testing.assert_close(model.embed(x, 32), z[:, :32])
         head = model.head.classifier
         torch.testing.assert_close(model(x)[0], z[:, :32] @ head.weight.T + head.bias, rtol=1e-5, atol=1e-6)
         assert torch.equal(model.predict(x), model(x)[0].argmax(-1))
-    with pytest.raises(ValueError, match="size 16 is not a nesting size"):
+    with pytest.raises(ValueError, match="dim 16 is not one of this model.s sizes"):
         model.embed(x, 16)
 
 
 def test_ff_projection_embed():
     """The ff_projection model's embed is not the learned [N, m] projection."""
-    model, x = _model(head="ff_projection", nesting=[16]), _images()
+    model, x = _model(head="ff_projection", dims=[16]), _images()
     with torch.no_grad():
         z = model.features(x)
         e = model.embed(x, 16)
@@ -135,9 +142,9 @@ def test_ff_projection_embed():
 
 @pytest.mark.parametrize("head", ["ff", "ff_projection"])
 def test_ff_head_requires_one_size(head):
-    """A fixed-feature model accepts more than one nesting size."""
+    """A fixed-feature model accepts more than one dims size."""
     with pytest.raises(ValueError, match=r"one size.*\[8, 16\]"):
-        _model(head=head, nesting=[8, 16])
+        _model(head=head, dims=[8, 16])
 
 
 # ----------------------------------------------------------------------------- bad arguments
@@ -165,19 +172,19 @@ def test_missing_pretrained_file():
 
 
 @pytest.mark.parametrize(
-    "nesting, bad",
+    "dims, bad",
     [([8, 8], "8 appears twice"), ([0], "got 0"), ([200], "200"), ([16, 8], "8 follows 16")],
 )
-def test_bad_nesting_is_named(nesting, bad):
-    """A bad nesting reaches the head without a ValueError naming the value."""
+def test_bad_nesting_is_named(dims, bad):
+    """A bad dims reaches the head without a ValueError naming the value."""
     with pytest.raises(ValueError, match=bad):
-        _model(nesting=nesting)
+        _model(dims=dims)
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(loss_weights=[1.0, 1.0]), "one value per nesting size \\(5\\), got 2"),
+        (dict(loss_weights=[1.0, 1.0]), "one value per size \\(5\\), got 2"),
         (dict(loss_weights=[1.0, 1.0, -1.0, 1.0, 1.0]), "-1.0"),
         (dict(head="mrl_x"), "mrl_x"),
         (dict(optimizer="lamb"), "lamb"),
@@ -190,12 +197,12 @@ def test_bad_nesting_is_named(nesting, bad):
 def test_bad_model_arguments(kwargs, match):
     """A bad MatryoshkaClassifier argument is accepted or its ValueError does not name it."""
     with pytest.raises(ValueError, match=match):
-        _model(**kwargs)
+        _task(**kwargs)
 
 
 def test_num_classes_must_be_positive():
     """num_classes=0 is accepted."""
-    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
         MatryoshkaClassifier(num_classes=0, backbone="test_resnet")
 
 
@@ -217,10 +224,11 @@ def test_check_labels_accepts_valid_and_rejects_float():
 
 # ----------------------------------------------------------------------------- optimisation
 @pytest.mark.parametrize("backbone", ["test_resnet", "test_vit"])
-def test_param_groups_exclude_biases_norms_and_embeddings(backbone):
+def test_weight_decay_excludes_biases_norms_and_embeddings(backbone):
     """Weight decay reaches biases/norm scales/position embeddings, or misses a weight matrix."""
-    model = MatryoshkaClassifier(num_classes=C, backbone=backbone)
-    decay_group, no_decay_group = param_groups(model, 1e-4)
+    model = MatryoshkaModel(num_classes=C, backbone=backbone)
+    opt = build_optimizer(model, "sgd", lr=0.1, weight_decay=1e-4)
+    no_decay_group, decay_group = opt.param_groups
     assert decay_group["weight_decay"] == 1e-4 and no_decay_group["weight_decay"] == 0.0
     decay = {id(p) for p in decay_group["params"]}
     no_decay = {id(p) for p in no_decay_group["params"]}
@@ -240,28 +248,49 @@ def test_param_groups_exclude_biases_norms_and_embeddings(backbone):
         assert {n for n, p in named.items() if id(p) in no_decay} == one_d
 
 
-def test_param_groups_skip_frozen_parameters():
+def test_optimizer_skips_frozen_parameters():
     """Frozen parameters are handed to the optimizer."""
     model = _model()
     for p in model.backbone.parameters():
         p.requires_grad_(False)
-    groups = param_groups(model, 1e-4)
-    ids = {id(p) for g in groups for p in g["params"]}
+    opt = build_optimizer(model, "sgd", lr=0.1, weight_decay=1e-4)
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert ids == {id(p) for p in model.head.parameters()}
 
 
 def test_build_optimizer():
-    """build_optimizer does not build SGD/AdamW with the groups' weight decay, or accepts a bad name."""
+    """build_optimizer does not build SGD (classical or Nesterov momentum)/AdamW with the weight decay
+    split, or accepts a bad name."""
     model = _model()
-    sgd = build_optimizer("sgd", param_groups(model, 0.01), lr=0.3, momentum=0.8, nesterov=True)
+    sgd = build_optimizer(model, "sgd", lr=0.3, weight_decay=0.01, momentum=0.8, nesterov=True)
     assert isinstance(sgd, torch.optim.SGD)
-    assert [g["weight_decay"] for g in sgd.param_groups] == [0.01, 0.0]
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.0, 0.01]
     assert sgd.defaults["lr"] == 0.3 and sgd.defaults["momentum"] == 0.8 and sgd.defaults["nesterov"]
-    adamw = build_optimizer("adamw", param_groups(model, 0.05), lr=1e-3)
+    assert not build_optimizer(model, "sgd", lr=0.3).defaults["nesterov"]
+    adamw = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05)
     assert isinstance(adamw, torch.optim.AdamW)
-    assert [g["weight_decay"] for g in adamw.param_groups] == [0.05, 0.0]
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.0, 0.05]
     with pytest.raises(ValueError, match="'rmsprop'"):
-        build_optimizer("rmsprop", param_groups(model, 0.0), lr=0.1)
+        build_optimizer(model, "rmsprop", lr=0.1)
+
+
+def test_layer_decay_scales_block_lrs():
+    """Layer-wise LR decay does not give the last block the full LR and each earlier group
+    layer_decay times the next one's, or a scheduler loses the scale."""
+    model = MatryoshkaModel(num_classes=C, backbone="test_vit")
+    opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scales = sorted({round(g["lr"] / 1e-3, 8) for g in opt.param_groups})
+    assert scales[-1] == 1.0 and len(scales) >= 3
+    assert all(a == pytest.approx(b * 0.5) for a, b in zip(scales, scales[1:]))
+    names = {id(p): n for n, p in model.named_parameters()}
+    top = [names[id(p)] for g in opt.param_groups if g["lr"] == pytest.approx(1e-3) for p in g["params"]]
+    assert any(n.startswith("head.") for n in top)  # the head trains at the full LR
+    low = [names[id(p)] for g in opt.param_groups if g["lr"] == pytest.approx(1e-3 * scales[0]) for p in g["params"]]
+    assert any(n.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.pos_embed")) for n in low)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5)
+    assert sorted({round(g["lr"] / 5e-4, 8) for g in opt.param_groups}) == scales and sched.last_epoch == 0
+    with pytest.raises(ValueError, match="layer_decay"):
+        _task(layer_decay=1.5)
 
 
 @pytest.mark.parametrize(
@@ -311,7 +340,7 @@ def _fit_and_record_lr(**trainer_kwargs) -> list[float]:
     """Fit test_resnet (cosine, warm-up 1 epoch, peak 0.2) on 8 synthetic images, 2 batches/epoch."""
     gen = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, C, (8,), generator=gen))
-    model = MatryoshkaClassifier(C, backbone="test_resnet", lr=0.2, lr_schedule="cosine", warmup_epochs=1.0)
+    model = _task(lr=0.2, lr_schedule="cosine", warmup_epochs=1.0)
     rec = _LRRecorder()
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -320,7 +349,7 @@ def _fit_and_record_lr(**trainer_kwargs) -> list[float]:
     trainer.fit(model, DataLoader(data, batch_size=4))
     sched = trainer.lr_scheduler_configs[0]
     assert sched.interval == "step"
-    assert [g["weight_decay"] for g in trainer.optimizers[0].param_groups] == [5e-5, 0.0]
+    assert [g["weight_decay"] for g in trainer.optimizers[0].param_groups] == [0.0, 5e-5]
     return rec.lrs
 
 

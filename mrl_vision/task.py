@@ -1,0 +1,186 @@
+"""``MatryoshkaClassifier``: the Lightning task that trains a :class:`MatryoshkaModel`.
+
+It owns the loss, the per-size metrics, the steps and the optimisation; the network (and its
+inference API) is ``task.model``, and files are written by callbacks
+(:class:`mrl_vision.callbacks.AccuracyReport`, :class:`~mrl_vision.callbacks.AdaptiveClassificationCallback`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+
+from .losses import MatryoshkaLoss
+from .metrics import MatryoshkaAccuracy
+from .model import MatryoshkaModel, model_state, upgrade_config
+from .optim import build_optimizer, lr_factor
+
+
+class MatryoshkaClassifier(L.LightningModule):
+    """Train a :class:`MatryoshkaModel` with the summed per-size cross-entropy.
+
+    Args:
+        num_classes: C (linked from the data module by the CLI, as are the model's ``class_names``,
+            ``input_size``, ``mean`` and ``std``).
+        model_kwargs: the other :class:`MatryoshkaModel` arguments (``backbone``, ``head``, ``dims``,
+            ``backbone_kwargs``, ``blurpool``, ``pretrained``, ...): the CLI reads them from its
+            signature, so ``--model.head mrl_e`` and ``--model.dims '[8, 64]'`` work as before.
+        loss_weights: one per size (default all 1).
+        label_smoothing: cross-entropy label smoothing (the reference recipe: 0.1).
+        optimizer, lr, momentum, nesterov, weight_decay, layer_decay: through timm's optimizer factory
+            (``sgd`` or ``adamw``); weight decay is not applied to norm layers, biases, or timm's
+            ``no_weight_decay()`` parameters; ``layer_decay`` (e.g. 0.75 for ViTs) scales each
+            block's LR by ``layer_decay ** depth-from-top``.
+        lr_schedule: ``triangular`` (linear up to ``warmup_epochs``, then linear to 0, as in the
+            reference recipe), ``cosine`` (warm-up then cosine to 0) or ``constant``; per iteration.
+        warmup_epochs: epochs of linear warm-up (the peak epoch for ``triangular``).
+        eval_flip_tta: horizontal-flip test-time augmentation in validation, test and predict.
+        adaptive_predict: ``predict`` runs the confidence cascade with the fitted thresholds.
+        top_k: the k of the per-size top-k accuracies.
+
+    Example::
+
+        task = MatryoshkaClassifier(num_classes=10, backbone="resnet18", head="mrl")
+        L.Trainer(max_epochs=1).fit(task, datamodule=QuickstartDataModule())
+        task.model.save_pretrained("runs/digits")   # the network alone
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        loss_weights: list[float] | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 5e-5,
+        layer_decay: float | None = None,
+        lr_schedule: Literal["triangular", "cosine", "constant"] = "cosine",
+        warmup_epochs: float = 0.0,
+        eval_flip_tta: bool = False,
+        adaptive_predict: bool = False,
+        top_k: list[int] = [1, 5],  # noqa: B006 (jsonargparse shows list defaults)
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        for key in ("mean", "std"):  # lists, as in the data modules' hyperparameters (Lightning compares them)
+            if model_kwargs.get(key) is not None:
+                model_kwargs[key] = [float(v) for v in model_kwargs[key]]
+        self.save_hyperparameters()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        if optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose sgd or adamw")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        lr_factor(lr_schedule, 1, 0)  # checks the schedule's name now, not at the first step
+        # Checkpoints written before the rename spell dims as nesting (or ff_dim): read them as today's.
+        model_kwargs = upgrade_config(model_kwargs)
+        self.model = MatryoshkaModel(num_classes=num_classes, **model_kwargs)
+        dims = self.model.dims
+        self.criterion = MatryoshkaLoss(len(dims), loss_weights, label_smoothing)
+        self.train_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
+        self.val_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
+        self.test_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every size ``[G, N, C]``."""
+        return self.model(x)
+
+    def eval_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation logits ``[G, N, C]`` (with ``eval_flip_tta``, of x plus its mirror image)."""
+        return self.model.eval_logits(x, self.hparams.eval_flip_tta)
+
+    # ----------------------------------------------------------------- steps
+    def _shared_step(self, batch: Any, stage: str) -> Any:
+        x, y = batch[0], batch[1]
+        logits = self(x) if stage == "train" else self.eval_logits(x)
+        loss = self.criterion(logits, y)
+        getattr(self, f"{stage}_acc").update(logits.detach(), y)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
+                 prog_bar=stage == "train", batch_size=y.shape[0], sync_dist=stage != "train")
+        if stage == "train":
+            return loss
+        return {"loss": loss, "logits": logits.detach(), "target": y}  # for callbacks (the cascade)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        """Per-size predictions: ``preds`` and max-softmax ``confidence``, both ``[N, G]``, or with
+        ``adaptive_predict`` the cascade's ``adaptive_pred`` and ``adaptive_dims`` (the size that
+        decided), both ``[N]``; plus ``target`` when the batch carries labels."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if self.hparams.adaptive_predict:
+            preds, sizes = self.model.predict_adaptive(x, flip_tta=self.hparams.eval_flip_tta)
+            out = {"adaptive_pred": preds, "adaptive_dims": sizes}
+        else:
+            conf, preds = self.eval_logits(x).float().softmax(-1).max(-1)  # [G, N]
+            out = {"preds": preds.T.contiguous(), "confidence": conf.T.contiguous()}
+        if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+            out["target"] = batch[1]
+        return out
+
+    def _log_accuracy(self, stage: str) -> None:
+        metric: MatryoshkaAccuracy = getattr(self, f"{stage}_acc")
+        if metric.update_called:
+            self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()})  # synced across ranks
+        metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_accuracy("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self.val_acc.reset()
+        else:
+            self._log_accuracy("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_accuracy("test")
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the network moved to ``self.model`` (keys ``backbone.*``,
+        ``head.*``, hyperparameters ``nesting``/``ff_dim``) load as today's."""
+        state = checkpoint["state_dict"]
+        if not any(k.startswith("model.") for k in state):
+            checkpoint["state_dict"] = {f"model.{k}": v for k, v in model_state(state).items()}
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = upgrade_config(checkpoint["hyper_parameters"])
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        opt = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.nesterov, hp.layer_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(round(hp.warmup_epochs * self._optimizer_steps_per_epoch(total)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(hp.lr_schedule, total, warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _optimizer_steps_per_epoch(self, total_steps: int) -> float:
+        """Optimizer steps in one pass over the training data (for epoch-based warm-up)."""
+        trainer = self.trainer
+        if not math.isfinite(trainer.num_training_batches):
+            # With only max_steps set, Lightning has not sized the training loader yet; the fit
+            # loop's setup_data is what sizes it (no public API does).
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        if math.isfinite(batches) and batches > 0:
+            return math.ceil(batches / trainer.accumulate_grad_batches)
+        max_epochs = trainer.max_epochs or -1  # an iterable without a length
+        return total_steps / max_epochs if max_epochs > 0 else total_steps
