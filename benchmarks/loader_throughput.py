@@ -4,12 +4,17 @@ Three loaders run the same training pipeline (RandomResizedCrop, horizontal flip
 float32) at the same crop size, batch size and number of workers, over the same images:
 
 1. ``FFCVDataModule(train_path=...).train_dataloader()``, each batch passed through the module's
-   ``on_after_batch_transfer`` (its torch normalisation), standalone, without a Trainer;
-2. a raw ``ffcv.loader.Loader`` built by hand with the same pipeline (RandomResizedCropRGBImageDecoder,
-   RandomHorizontalFlip, ToTensor, ToTorchImage), the same order (RANDOM), ``os_cache`` and
-   ``batches_ahead``, and the same torch normalisation applied to each batch in the loop;
+   ``on_after_batch_transfer``, standalone, without a Trainer (on the CPU the batches arrive
+   normalised by FFCV's JIT ``NormalizeImage``); its crop and flip are the seeded ones (below);
+2. a raw ``ffcv.loader.Loader`` built by hand with FFCV's own (unseeded) augmentations
+   (RandomResizedCropRGBImageDecoder, RandomHorizontalFlip, NormalizeImage, ToTensor, ToTorchImage),
+   the same order (RANDOM), ``os_cache`` and ``batches_ahead``;
 3. torchvision ``ImageFolder`` + ``DataLoader`` (``mrl_vision.data.transforms.train_transform``:
    RandomResizedCrop + flip + ToDtype + Normalize in the workers), shuffled, persistent workers.
+
+The cost of seeding: a fifth row, ``raw Loader, seeded ops``, is the raw Loader of row 2 with the
+seeded crop and flip of ``mrl_vision.data.ffcv_ops`` (drawn from seed, epoch and sample index; a
+``SeededLoader``) in place of FFCV's, everything else equal; the summary prints seeded / FFCV's.
 
 Each loader first runs warm-up epochs (FFCV's JIT compilation, worker start-up), then the timed
 epochs, interleaved by epoch in an order rotated every round so machine noise hits them alike.
@@ -31,7 +36,7 @@ ImageNet recipe, at most 500 px) for large crops, ``raw`` for small ones.
     python benchmarks/loader_throughput.py --make-source DIR --sizes 224 --images 3000  # only write the photos
 
 Targets (issue): data module >= 0.95x the raw Loader; >= 10x torchvision at 32 px, >= 4x at 224 px
-(2 cores). Needs ffcv (``pip install 'mrl-vision[ffcv]'``) and, for generated sources, scikit-image.
+(2 cores); seeded ops at no measurable cost against FFCV's own (ratio about 1, within epoch noise). Needs ffcv (``pip install 'mrl-vision[ffcv]'``) and, for generated sources, scikit-image.
 """
 
 from __future__ import annotations
@@ -171,24 +176,33 @@ def ffcv_module_epochs(path: str, crop: int, batch: int, workers: int, seed: int
     return epoch
 
 
-def ffcv_raw_epochs(path: str, crop: int, batch: int, workers: int, seed: int, normalize: bool = True):
+def ffcv_raw_epochs(path: str, crop: int, batch: int, workers: int, seed: int, normalize: bool = True,
+                    seeded: bool = False):
     """A hand-built ffcv Loader with the data module's CPU pipeline (normalised by FFCV's JIT
-    ``NormalizeImage`` in the loader threads), or with ``normalize=False`` its uint8 output."""
+    ``NormalizeImage`` in the loader threads), or with ``normalize=False`` its uint8 output; FFCV's
+    own RandomResizedCrop and flip, or with ``seeded=True`` the seeded ones of ``ffcv_ops``."""
     from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor, ToTorchImage
 
+    from mrl_vision.data.ffcv_ops import SeededLoader, SeededRandomHorizontalFlip, SeededRandomResizedCropRGBImageDecoder
     from mrl_vision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     # every JIT op first, then the torch ones (alternating them hangs FFCV on the CPU)
-    image = [
-        RandomResizedCropRGBImageDecoder((crop, crop), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-        RandomHorizontalFlip(),
-    ]
+    if seeded:
+        image = [
+            SeededRandomResizedCropRGBImageDecoder((crop, crop), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), seed=seed),
+            SeededRandomHorizontalFlip(seed=seed),
+        ]
+    else:
+        image = [
+            RandomResizedCropRGBImageDecoder((crop, crop), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+            RandomHorizontalFlip(),
+        ]
     if normalize:
         image.append(NormalizeImage(np.array(IMAGENET_MEAN) * 255, np.array(IMAGENET_STD) * 255, np.float32))
     image += [ToTensor(), ToTorchImage(channels_last=True)]
-    loader = Loader(
+    loader = (SeededLoader if seeded else Loader)(
         path,
         batch_size=batch,
         num_workers=workers,
@@ -240,11 +254,18 @@ LOADERS = {
     "raw ffcv Loader": ffcv_raw_epochs,
     "torchvision": torchvision_epochs,
     "raw Loader, uint8 out": lambda *a: ffcv_raw_epochs(*a, normalize=False),
+    "raw Loader, seeded ops": lambda *a: ffcv_raw_epochs(*a, seeded=True),
 }
 
 
-def measure(source: Path, beton: str, crop: int, batch: int, workers: int, warmup: int, epochs: int, seed: int):
-    """Per loader: images per second of each timed epoch, and the warm-up epochs' seconds."""
+SEEDED_AB = ("raw ffcv Loader", "raw Loader, seeded ops")  # FFCV's own crop + flip, the seeded ones
+
+
+def measure(source: Path, beton: str, crop: int, batch: int, workers: int, warmup: int, epochs: int, seed: int,
+            ab_rounds: int = 0):
+    """Per loader: images per second of each timed epoch, and the warm-up epochs' seconds; then
+    ``ab_rounds`` rounds of only the two loaders of ``SEEDED_AB``, back to back in alternating order
+    (ABBA), whose per-round ratios (seeded / FFCV's own) are returned under ``"ab"``."""
     runs = {}
     for name, build in LOADERS.items():
         runs[name] = build(str(source) if name == "torchvision" else beton, crop, batch, workers, seed)
@@ -259,6 +280,16 @@ def measure(source: Path, beton: str, crop: int, batch: int, workers: int, warmu
             if n == 0:
                 raise SystemExit(f"{name}: no full batch of {batch} in the source; lower --batch")
             (warm if r < warmup else rates)[name].append(n / dt if r >= warmup else dt)
+    ab: list[float] = []
+    for r in range(ab_rounds):
+        pair = SEEDED_AB if r % 2 == 0 else SEEDED_AB[::-1]
+        rate = {}
+        for name in pair:
+            t0 = time.perf_counter()
+            n = runs[name]()
+            rate[name] = n / (time.perf_counter() - t0)
+        ab.append(rate[SEEDED_AB[1]] / rate[SEEDED_AB[0]])
+    rates["ab"] = ab
     return rates, warm
 
 
@@ -276,10 +307,13 @@ def main() -> None:
     ap.add_argument("--max-resolution", type=int, help="beton cap on the longer side (default: 500 at >= 128 px, none below)")
     ap.add_argument("--workdir", type=Path, help="keep the generated photos and .beton files here (default: a temporary folder)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ab-rounds", type=int, default=12,
+                    help="extra back-to-back rounds of FFCV's own vs the seeded crop + flip only (default: 12; 2 with --quick)")
     ap.add_argument("--quick", action="store_true", help="tiny sources, 1 timed epoch (a smoke run)")
     args = ap.parse_args()
     if args.quick:
         args.epochs = 1
+        args.ab_rounds = min(args.ab_rounds, 2)
     if args.sizes is None:
         args.sizes = [32] if args.quick else [32, 224]
 
@@ -332,24 +366,37 @@ def main() -> None:
                   + (", compress_probability=0.5, jpeg_quality=90" if mode in ("proportion", "smart") else "")
                   + (", jpeg_quality=90" if mode == "jpg" else "")
                   + f", max_resolution={max_res}, {info['file_size'] / 2**20:.1f} MiB, written in {time.time() - t0:.1f} s")
-            rates, warm = measure(source, str(beton), crop, batch, args.workers, args.warmup, args.epochs, args.seed)
+            rates, warm = measure(source, str(beton), crop, batch, args.workers, args.warmup, args.epochs, args.seed,
+                                  args.ab_rounds)
+            ab = rates.pop("ab")
             med = {n: statistics.median(r) for n, r in rates.items()}
             print(f"{'loader':<24}{'img/s':>9}{'min':>9}{'max':>9}{'warm-up s':>11}{'x raw Loader':>14}{'x torchvision':>15}")
             for n in LOADERS:
                 print(f"{n:<24}{med[n]:>9.0f}{min(rates[n]):>9.0f}{max(rates[n]):>9.0f}{sum(warm[n]):>11.1f}"
                       f"{med[n] / med['raw ffcv Loader']:>14.3f}{med[n] / med['torchvision']:>15.2f}")
-            results.append((crop, batch, med))
+            seeded, ffcv_own = rates[SEEDED_AB[1]], rates[SEEDED_AB[0]]
+            print(f"seeded crop + flip vs FFCV's own: {med[SEEDED_AB[1]]:.0f} vs {med[SEEDED_AB[0]]:.0f} img/s, "
+                  f"ratio {med[SEEDED_AB[1]] / med[SEEDED_AB[0]]:.3f} (per timed round: "
+                  + ", ".join(f"{a / b:.3f}" for a, b in zip(seeded, ffcv_own)) + ")")
+            if ab:
+                q1, q2, q3 = statistics.quantiles(ab, n=4) if len(ab) > 1 else (ab[0],) * 3
+                print(f"A/B, {len(ab)} back-to-back rounds of only these two (alternating order): seeded / FFCV's own "
+                      f"median {statistics.median(ab):.3f}, quartiles {q1:.3f}-{q3:.3f}, "
+                      f"rounds faster {sum(r > 1 for r in ab)}/{len(ab)}")
+            results.append((crop, batch, med, statistics.median(ab) if ab else None))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
     print("\n== Summary: data module throughput ratios (targets on 2 cores) ==")
-    for crop, batch, med in results:
+    for crop, batch, med, ab in results:
         vs_raw = med["FFCV data module"] / med["raw ffcv Loader"]
         vs_tv = med["FFCV data module"] / med["torchvision"]
         tv_target = 10.0 if crop < 128 else 4.0
+        seeded = ab if ab is not None else med[SEEDED_AB[1]] / med[SEEDED_AB[0]]
         print(f"{crop:>4} px, batch {batch:>3}: {vs_raw:.3f}x raw Loader (target >= 0.95: {'met' if vs_raw >= 0.95 else 'NOT met'}), "
-              f"{vs_tv:.2f}x torchvision (target >= {tv_target:g}: {'met' if vs_tv >= tv_target else 'NOT met'})")
+              f"{vs_tv:.2f}x torchvision (target >= {tv_target:g}: {'met' if vs_tv >= tv_target else 'NOT met'}); "
+              f"seeded crop + flip {seeded:.3f}x FFCV's own ({'A/B median' if ab is not None else 'medians'})")
 
 
 if __name__ == "__main__":

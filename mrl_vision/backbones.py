@@ -55,6 +55,7 @@ def create_backbone(
     pretrained: bool = False,
     pretrained_file: str | None = None,
     blurpool: bool = False,
+    input_size: int | None = None,
     **kwargs: Any,
 ) -> tuple[nn.Module, int]:
     """A timm model without its classifier, and the width of the features it returns.
@@ -73,6 +74,9 @@ def create_backbone(
             network of the released MRL ResNet-50 checkpoints (same state dict keys) and costs
             under 1 % more FLOPs. ``ValueError`` when the model has no such conv (e.g. a ViT)
             or when ``aa_layer`` is also given.
+        input_size: the side of the images it will see: checked against the smallest the network
+            takes (its total stride; a ViT's patch grid), and given to ViTs as ``img_size`` when
+            ``kwargs`` has none, so ``vit_tiny_patch16_224`` trains at 32 px as it is.
         kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ``in_chans``...).
             ``aa_layer: blurpool`` / ``aa_layer: avgpool`` select timm's own anti-aliasing of
             ResNets (see :func:`anti_aliasing_layer`), a different and 26 % costlier network
@@ -106,6 +110,8 @@ def create_backbone(
             "they are already in the Hugging Face cache."
         )
     model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    if input_size is not None:
+        model = _fit_input_size(model, name, input_size, pretrained, kwargs)
     if blurpool:
         from .blurpool import apply_blurpool
 
@@ -116,3 +122,26 @@ def create_backbone(
             )
     width = getattr(model, "head_hidden_size", None) or model.num_features
     return model, int(width)
+
+
+def _fit_input_size(model: nn.Module, name: str, size: int, pretrained: bool, kwargs: dict) -> nn.Module:
+    """``model`` checked against images of side ``size`` (rebuilt at that size when it is a ViT
+    built for another and ``img_size`` was not given): ``ValueError`` naming the smallest size."""
+    patch_embed = getattr(model, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if patch is not None:
+        step = max(patch)
+        if size < step or size % step:
+            smallest = max(step, size // step * step)
+            raise ValueError(f"input size {size} px does not fit {name!r}: its {step} px patches need a multiple of "
+                             f"{step} (e.g. {smallest} or {smallest + step})")
+        if tuple(getattr(patch_embed, "img_size", ())) != (size, size) and "img_size" not in kwargs:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=size, **kwargs)
+        return model
+    info = getattr(model, "feature_info", None)
+    reduction = info[-1].get("reduction") if isinstance(info, list) and info else None
+    if reduction and size < reduction:
+        raise ValueError(f"input size {size} px is smaller than the smallest {name!r} takes: {reduction} px (its total "
+                         f"stride; smaller images end as a single blurred pixel): use an image size >= {reduction}")
+    return model
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,10 +19,12 @@ from .files import atomic_write_text
 class PredictionWriter(BasePredictionWriter):
     """Write ``mrl-vision predict`` results to ``predictions.csv`` in the run's log directory.
 
-    One row per image: its index in the predict set, its label when the data has one, then the
-    predicted class and max-softmax confidence at every size (``pred@8``, ``conf@8``, ...),
-    or with ``adaptive_predict`` the cascade's class and deciding size (``adaptive_pred``,
-    ``adaptive_dims``). Under DDP each rank
+    One row per image: its index in the predict set, the file it came from (``sample``, where the data
+    module names its samples), its label when the data has one, then the predicted class and
+    max-softmax confidence at every size (``pred@8``, ``conf@8``, ...), or with ``adaptive_predict``
+    the cascade's class and deciding size (``adaptive_pred``, ``adaptive_dims``), and the class names
+    of the labels and predictions (``target_class``, ``class@8``, ``adaptive_pred_class``) when the
+    model has them. Under DDP each rank
     writes ``predictions.rank{R}.csv`` for its shard.
 
     Example (CLI)::
@@ -32,6 +36,13 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.output_dir, self.filename = output_dir, filename
         self.path: Path | None = None
+
+    @staticmethod
+    def _sample_names(trainer: L.Trainer) -> list[str] | None:
+        from .data import MatryoshkaDataModule
+
+        dm = trainer.datamodule
+        return dm.sample_names("predict") if isinstance(dm, MatryoshkaDataModule) else None
 
     def write_on_epoch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
@@ -56,44 +67,59 @@ class PredictionWriter(BasePredictionWriter):
         flat = [i for batch in indices if batch is not None for i in batch] if indices else []
         if len(flat) != n:  # loaders without a sampler (FFCV) report no indices: use the order
             flat = list(range(n))
-        lines = [",".join(["index", *cols])]
-        for r in range(n):
-            row = [str(flat[r])]
-            row += [f"{float(v[r]):.4f}" if v.is_floating_point() else str(int(v[r])) for v in cols.values()]
-            lines.append(",".join(row))
+        table: dict[str, list] = {"index": flat}
+        names = self._sample_names(trainer)
+        if names is not None and len(names) > max(flat, default=-1):
+            table["sample"] = [names[i] for i in flat]
+        table.update({k: [f"{float(x):.4f}" if v.is_floating_point() else int(x) for x in v] for k, v in cols.items()})
+        classes = pl_module.model.class_names
+        if classes is not None:  # the class name beside each predicted index
+            for key in [k for k in cols if k.startswith("pred@") or k in ("target", "adaptive_pred")]:
+                label = "class@" + key[5:] if key.startswith("pred@") else f"{key}_class"
+                table[label] = [classes[int(i)] if 0 <= int(i) < len(classes) else "" for i in cols[key]]
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(list(table))
+        writer.writerows(zip(*table.values()))
         name = self.filename
         if trainer.world_size > 1:
             stem, ext = os.path.splitext(name)
             name = f"{stem}.rank{trainer.global_rank}{ext}"
         out_dir = self.output_dir or trainer.log_dir or trainer.default_root_dir
         self.path = Path(out_dir) / name
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
+        atomic_write_text(self.path, buf.getvalue())
         print(f"wrote {n} predictions to {self.path}")
 
 
 class AccuracyReport(L.Callback):
-    """At the end of ``test``: print the per-size accuracy table and write ``test_accuracy.csv`` and
-    ``test_accuracy.png`` (log-2 axis) into the run's log directory, through :mod:`mrl_vision.report`.
+    """The per-size accuracy table: printed, and written as ``{stage}_accuracy.csv`` and ``.png``
+    (log-2 axis) into the run's log directory through :mod:`mrl_vision.report`, at the end of ``fit``
+    (the last validation) and of ``test``.
 
-    ``mrl-vision test`` adds it when a config has none. ``rows`` keeps the last table
+    The CLI adds it when a config has none. ``rows`` keeps the last table
     (``[{"dims", "top1", "top5"}]``, percent).
     """
 
-    def __init__(self, stem: str = "test_accuracy") -> None:
-        self.stem = stem
+    def __init__(self) -> None:
         self.rows: list[dict] = []
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "val")
+
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._report(trainer, pl_module, "test")
+
+    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from .report import accuracy_rows, format_table, write_accuracy_report
 
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        self.rows = accuracy_rows(metrics, prefix="test/")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+        self.rows = accuracy_rows(metrics, prefix=f"{stage}/")
         out_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         if trainer.is_global_zero and self.rows:
             model = pl_module.model
-            title = f"{model.backbone_name} {model.head_kind} test accuracy"
+            title = f"{model.backbone_name} {model.head_kind} {'validation' if stage == 'val' else stage} accuracy"
             rank_zero_info("\n" + format_table(self.rows, title))
-            csv_path, png_path = write_accuracy_report(self.rows, out_dir, stem=self.stem, title=title)
+            csv_path, png_path = write_accuracy_report(self.rows, out_dir, stem=f"{stage}_accuracy", title=title)
             rank_zero_info(f"wrote {csv_path} and {png_path}")
 
 
@@ -179,9 +205,10 @@ class AdaptiveClassificationCallback(L.Callback):
 
     Validation: the evaluated set (gathered across DDP ranks) is split, seeded, into a calibration
     part (``calibration_fraction``) on which thresholds are fitted with ``method`` and the rest on
-    which they are evaluated. Test: the thresholds fitted on validation (in this run, or restored
-    from the checkpoint) are evaluated on the whole test set; without any, the test set is split
-    as in validation. Logs ``adaptive/top1``, ``adaptive/expected_dims`` and
+    which they (and the fixed sizes, and the family of cascades in the curve) are evaluated. Test:
+    the thresholds fitted on validation (in this run, or restored from the checkpoint) are evaluated
+    on the whole test set, and so are the fixed sizes and the curve's family (traced on it); without
+    fitted thresholds, the test set is split as in validation. Logs ``adaptive/top1``, ``adaptive/expected_dims`` and
     ``adaptive/expected_head_cost``; rank 0 writes ``adaptive_{stage}_curve.csv`` and ``.png``
     (cascade trade-off beside the fixed sizes) into the log directory. The thresholds are stored
     in the model's ``adaptive_thresholds`` buffer (``task.model``), hence in every checkpoint and saved model.
@@ -266,7 +293,10 @@ class AdaptiveClassificationCallback(L.Callback):
         fitted = model.adaptive_thresholds.detach().cpu()
         cal_idx, rest_idx = A.calibration_split(labels.numel(), self.calibration_fraction, self.seed)
         if stage == "test" and not bool(torch.isnan(fitted).any()):
-            thr, eval_idx = fitted, torch.arange(labels.numel())  # fitted on validation
+            # fitted on validation: the cascade, the fixed sizes and the family's curve all on the
+            # whole test set (one population per plot and table)
+            thr = fitted
+            eval_idx = cal_idx = rest_idx = torch.arange(labels.numel())
         else:
             eval_idx = rest_idx
             thr = A.fit_thresholds(

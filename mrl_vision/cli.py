@@ -17,12 +17,11 @@ from importlib import resources
 from typing import Iterator, Sequence
 
 import lightning as L
-import torch
 from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import AccuracyReport, PredictionWriter
-from .model import load_pretrained_weights, read_pretrained_config, upgrade_config
-from .resume import resolve_last_checkpoint
+from .model import check_same_classes, load_pretrained_weights, read_pretrained_config, upgrade_config
+from .resume import check_checkpoint, resolve_last_checkpoint, use_atomic_checkpoint_io
 from .task import MatryoshkaClassifier
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -36,23 +35,51 @@ def quickstart_config() -> str:
 class MRLCLI(LightningCLI):
     """LightningCLI with what the data module knows linked to the model (``num_classes``,
     ``class_names``, ``input_size``, ``mean``, ``std``), ``--ckpt_path`` taking a checkpoint or a
-    ``save_pretrained`` folder, and the report and prediction callbacks added where missing."""
+    ``save_pretrained`` folder, the report and prediction callbacks added where missing, and the
+    checks that keep evaluation honest: weights must come from somewhere, the checkpoint's classes
+    must be the data's, and a model option given on the command line must not contradict them."""
 
     LINKED = ("num_classes", "class_names", "input_size", "mean", "std")
     # Evaluation-time options: taken from this command, not from the checkpoint's hyperparameters.
     EVAL_OPTIONS = ("adaptive_predict", "eval_flip_tta")
+    # What a checkpoint fixes: a command-line value that differs is an error, not silently ignored.
+    ARCHITECTURE = ("backbone", "head", "dims", "backbone_kwargs", "blurpool")
+    EVALUATING = ("validate", "test", "predict")
 
     def add_arguments_to_parser(self, parser) -> None:
         for name in self.LINKED:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        parser.add_argument("--allow_untrained", type=bool, default=False,
+                            help="validate/test/predict a model without --ckpt_path or pretrained weights "
+                                 "(randomly initialised): refused unless this is true")
+
+    def parse_arguments(self, parser, args) -> None:
+        self.given_args = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        super().parse_arguments(parser, args)
+
+    def _given_model_options(self) -> set[str]:
+        """The ``--model.X`` options written on the command line (not those from config files)."""
+        names = set()
+        for arg in self.given_args:
+            if arg.startswith("--model."):
+                names.add(arg[len("--model."):].split("=", 1)[0].removeprefix("init_args."))
+        return names
 
     def _parse_ckpt_path(self) -> None:
         # A private LightningCLI hook, overridden because it is the only point between parsing and
         # instantiation: the model's arguments come from the checkpoint (in today's spelling) or from
         # a saved model's config.json, and evaluation options from this command.
-        self.pretrained_dir = None
+        self.pretrained_dir, self.ckpt_hparams = None, None
         sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not sub:
+            return
+        config = self.config[sub]
+        ckpt_path = config.get("ckpt_path")
+        if sub in self.EVALUATING and not ckpt_path and not config.model.get("pretrained_file") \
+                and not config.model.get("pretrained") and not config.get("allow_untrained"):
+            raise SystemExit(f"mrl-vision {sub}: error: no weights: give --ckpt_path (a checkpoint or a saved model "
+                             "folder) or --model.pretrained_file; --allow_untrained true evaluates a randomly "
+                             "initialised model")
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
         if os.path.isdir(ckpt_path):
@@ -62,39 +89,85 @@ class MRLCLI(LightningCLI):
             hparams = read_pretrained_config(ckpt_path)
             self.pretrained_dir = ckpt_path
         elif os.path.isfile(ckpt_path):
-            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+            try:  # truncated or not a checkpoint: one line naming it, not an unpickling traceback
+                ckpt = check_checkpoint(ckpt_path)
+            except ValueError as e:
+                raise SystemExit(f"mrl-vision {sub}: error: {e}") from None
             hparams = upgrade_config(ckpt.get("hyper_parameters") or {})
             hparams.pop("_instantiator", None)
         else:
-            return
-        model = self.config[sub].get("model")
+            raise SystemExit(f"mrl-vision {sub}: error: --ckpt_path {ckpt_path!r} does not exist")
+        model = config.get("model")
+        given = self._given_model_options()
+        for key in sorted(given & set(self.ARCHITECTURE)):
+            if hparams.get(key) is not None and model.get(key) != hparams[key]:
+                raise SystemExit(f"mrl-vision {sub}: error: --model.{key} {model.get(key)!r} cannot apply: the checkpoint "
+                                 f"{ckpt_path!r} has {key} {hparams[key]!r} (drop the option)")
         keep = {k: model.get(k) for k in self.EVAL_OPTIONS if model is not None and model.get(k) is not None}
         hparams.update(pretrained=False, pretrained_file=None)  # the weights come from ckpt_path
+        self.ckpt_hparams = hparams
         self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
         for key, value in keep.items():
             self.config[sub].model[key] = value
 
-    def _load_pretrained(self) -> None:
+    def instantiate_classes(self) -> None:
+        """Errors raised while building the data module or the model come out as one line."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            sub = self.config.get("subcommand")
+            raise SystemExit(f"mrl-vision{' ' + sub if sub else ''}: error: {_root_cause(e)}") from None
+
+    def _check_classes(self) -> None:
+        """The checkpoint's classes must be the data's: same count, same names in the same order."""
+        saved, dm = self.ckpt_hparams, self.datamodule
+        if saved and dm is not None:
+            try:
+                check_same_classes(saved.get("num_classes"), saved.get("class_names"), dm.class_names)
+            except ValueError as e:
+                raise SystemExit(f"mrl-vision {self.config.subcommand}: error: {e}") from None
+
+    def _before_evaluation(self) -> None:
+        self._check_classes()
         if self.pretrained_dir is not None:
             load_pretrained_weights(self.model.model, self.pretrained_dir)
             self.config_init[self.config.subcommand]["ckpt_path"] = None
 
+    def _add_callback(self, callback_type: type) -> None:
+        if not any(isinstance(cb, callback_type) for cb in self.trainer.callbacks):
+            self.trainer.callbacks.append(callback_type())
+
     def before_fit(self) -> None:
         if self.config_init["fit"].get("ckpt_path") == "last":
-            self.config_init["fit"]["ckpt_path"] = resolve_last_checkpoint(self.trainer)
+            self.config_init["fit"]["ckpt_path"] = resolve_last_checkpoint(self.trainer, self.model)
+        self._add_callback(AccuracyReport)  # the per-size validation table at the end of fit
+        use_atomic_checkpoint_io(self.trainer)  # a kill during a save never leaves a truncated checkpoint
 
     def before_validate(self) -> None:
-        self._load_pretrained()
+        self._before_evaluation()
 
     def before_test(self) -> None:
-        self._load_pretrained()
-        if not any(isinstance(cb, AccuracyReport) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(AccuracyReport())
+        self._before_evaluation()
+        self._add_callback(AccuracyReport)
 
     def before_predict(self) -> None:
-        self._load_pretrained()
-        if not any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
-            self.trainer.callbacks.append(PredictionWriter())
+        self._before_evaluation()
+        self._add_callback(PredictionWriter)
+
+
+def _root_cause(error: Exception) -> str:
+    """The message of the error that a data module or model raised, out of jsonargparse's wrapping
+    ("Does not validate against any of the Union subtypes ... Errors: - Problem with given class_path
+    X: <the message> ...")."""
+    text = str(error)
+    if "Errors:" in text:
+        items = text.split("Errors:", 1)[1].split("\n  - ")
+        for item in items:
+            lines = [ln.strip().removeprefix("- ") for ln in item.strip().splitlines()]
+            lines = [ln for ln in lines if ln and not ln.startswith(("Problem with given class_path", "Given value"))]
+            if lines and not lines[0].startswith("Expected a <class 'NoneType'>"):
+                return lines[0]
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def with_default_config(args: Sequence[str]) -> list[str]:
@@ -122,9 +195,14 @@ def _user_errors(command: str, *extra: type[Exception]) -> Iterator[None]:
 
 def prepare_parser() -> argparse.ArgumentParser:
     p = _parser("prepare", "Write an image folder tree (SOURCE/<class>/<image>) or the built-in 'quickstart' "
-        "digits to an FFCV .beton file, with a sidecar OUTPUT.beton.json.")
-    p.add_argument("source", help="image folder tree, or 'quickstart'")
-    p.add_argument("output", help="the .beton file to write")
+        "digits to an FFCV .beton file, with a sidecar OUTPUT.beton.json (sizes, classes, SHA-256 checksum); "
+        "or, with --verify, check an existing file against its sidecar.")
+    p.usage = "%(prog)s SOURCE OUTPUT.beton [options]\n       %(prog)s --verify FILE.beton"
+    p.add_argument("source", nargs="?", help="image folder tree, or 'quickstart'")
+    p.add_argument("output", nargs="?", help="the .beton file to write")
+    p.add_argument("--verify", metavar="FILE.beton", default=None,
+                   help="check FILE.beton against its sidecar (size, header, labels, checksum) and exit: "
+                        "0 when intact, 1 when not")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="quickstart split (default train)")
     p.add_argument("--max-resolution", type=int, default=None, help="cap on the longer side in pixels (default: none)")
     p.add_argument("--write-mode", default="raw", choices=["raw", "jpg", "proportion", "smart"],
@@ -135,22 +213,68 @@ def prepare_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many images per class")
     p.add_argument("--seed", type=int, default=0, help="quickstart split seed")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--allow-empty-classes", action="store_true",
+                   help="keep class folders without images as classes (default: fail naming them)")
     return p
 
 
 def prepare(args: Sequence[str]) -> dict:
-    """``mrl-vision prepare``: parse ``args`` and write the .beton file; returns its sidecar."""
-    from .data.beton import write_beton
+    """``mrl-vision prepare``: parse ``args`` and write the .beton file (or ``--verify`` one); returns
+    its sidecar. SIGINT or SIGTERM stop the writing, remove the temporary file and exit with status
+    130 or 143."""
+    from .data.beton import Interrupted, interrupt_on_signals, write_beton
 
-    a = prepare_parser().parse_args(list(args))
-    with _user_errors("prepare", FileExistsError, ImportError):
-        info = write_beton(
-            a.source, a.output, split=a.split, max_resolution=a.max_resolution, write_mode=a.write_mode,
-            compress_probability=a.compress_probability, jpeg_quality=a.jpeg_quality,
-            num_workers=a.num_workers, limit=a.limit, seed=a.seed, overwrite=a.overwrite,
-        )
+    parser = prepare_parser()
+    a = parser.parse_args(list(args))
+    if a.verify is not None:
+        if a.source is not None:
+            parser.error("--verify FILE.beton takes no SOURCE or OUTPUT")
+        return _verify_beton(a.verify)
+    if a.output is None:
+        parser.error("the following arguments are required: " + ("output" if a.source else "source, output"))
+    try:
+        with _user_errors("prepare", FileExistsError, ImportError), interrupt_on_signals():
+            info = write_beton(
+                a.source, a.output, split=a.split, max_resolution=a.max_resolution, write_mode=a.write_mode,
+                compress_probability=a.compress_probability, jpeg_quality=a.jpeg_quality,
+                num_workers=a.num_workers, limit=a.limit, seed=a.seed, overwrite=a.overwrite,
+                allow_empty_classes=a.allow_empty_classes,
+            )
+    except Interrupted as e:
+        print(f"mrl-vision prepare: interrupted by {e.name}; nothing was written to {a.output}", file=sys.stderr)
+        entry = getattr(sys.modules.get("__main__"), "__spec__", None)
+        if getattr(entry, "name", None) == "mrl_vision.cli" or os.path.basename(sys.argv[0]) == "mrl-vision":
+            # The console program: the writers are stopped and the temporary file is gone; skip the
+            # interpreter's teardown of thousands of modules (2 s on a quiet machine, more on a busy one).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + e.signum)
+        raise SystemExit(128 + e.signum) from None
     summary = {k: info[k] for k in ("num_samples", "num_classes", "file_size", "seconds")}
     print(f"wrote {a.output}: {json.dumps(summary)}")
+    return info
+
+
+def _verify_beton(path: str) -> dict:
+    """``prepare --verify FILE``: every check of ``check_beton``, the checksum included; exit 1 on a mismatch."""
+    import time
+    import warnings
+
+    from .data.beton import check_beton, require_ffcv
+
+    with _user_errors("prepare", ImportError):
+        require_ffcv()  # imported first: its own warnings are not this file's
+        start = time.time()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = check_beton(path, verify_checksum=True)
+    for w in caught:
+        print(f"mrl-vision prepare: warning: {w.message}", file=sys.stderr)
+    what = f"{info['num_samples']} samples, {len(info['classes'])} classes, {info['file_size']} bytes"
+    if info.get("checksum"):
+        print(f"{path}: OK, {info['checksum'].split(':')[0]} checksum matches ({what}; {time.time() - start:.1f} s)")
+    else:
+        print(f"{path}: size, header and labels OK ({what}); contents not verified: no checksum recorded")
     return info
 
 
@@ -243,10 +367,28 @@ def convert_reference(args: Sequence[str]) -> str:
 COMMANDS = {"prepare": prepare, "report": report, "truncate": truncate, "convert-reference": convert_reference}
 
 
+USAGE = """usage: mrl-vision COMMAND [options]    (mrl-vision COMMAND --help for a command's options)
+
+training and evaluation (LightningCLI; default config: the quickstart digits):
+  fit                 train (--ckpt_path last resumes)
+  validate            per-size accuracy on the validation split (--ckpt_path: a checkpoint or saved model)
+  test                the same on the test split; writes test_accuracy.csv/.png and the cascade's curve
+  predict             predictions.csv: class and confidence at every size, or the cascade's
+tools:
+  prepare             an image folder tree -> an FFCV .beton file (+ sidecar)
+  truncate            post-hoc truncation probes of a trained model at every size
+  report              run folders -> accuracy-vs-dims figure and tables
+  convert-reference   an official RAIVNLab/MRL checkpoint -> a saved model folder
+"""
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Console entry point of ``mrl-vision``."""
     argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return
+    if argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
         return
     cli(args)

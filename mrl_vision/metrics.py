@@ -41,6 +41,9 @@ class MatryoshkaAccuracy(Metric):
         super().__init__(**kwargs)
         self.dims = list(dims)
         self.num_classes = num_classes
+        bad = [k for k in top_k if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+        if bad:
+            raise ValueError(f"top_k values must be integers >= 1, got {bad[0]!r} in top_k={list(top_k)}")
         self.top_k = [k for k in top_k if k <= num_classes]
         if not self.top_k:
             raise ValueError(f"no k in top_k={list(top_k)} is <= num_classes={num_classes}")

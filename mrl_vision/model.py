@@ -15,6 +15,7 @@ Files:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -49,6 +50,24 @@ def upgrade_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def inference(method):
+    """Run a model method as inference: eval mode (BatchNorm's running statistics, no dropout) and no
+    autograd, then the mode the model was in. Predictions then do not depend on the batch, and
+    calling them never changes the model."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                return method(self, *args, **kwargs)
+        finally:
+            self.train(was_training)
+
+    return wrapper
+
+
 def _float_triple(name: str, value: Sequence[float] | None) -> list[float] | None:
     if value is None:
         return None
@@ -76,7 +95,8 @@ class MatryoshkaModel(nn.Module):
             :func:`mrl_vision.backbones.create_backbone`); not needed to load a saved model.
         channels_last: run the backbone in channels-last memory format.
         class_names: the class of each label (kept with the model).
-        input_size: the side of the square images the model expects.
+        input_size: the side of the square images the model expects (checked against the smallest the
+            backbone takes; ViTs are built for it).
         mean / std: the normalisation of its inputs, in [0, 1] units, per channel.
 
     Example::
@@ -120,7 +140,9 @@ class MatryoshkaModel(nn.Module):
         if blurpool:
             kwargs["blurpool"] = True
         self.backbone_name = backbone
-        self.backbone, self.width = create_backbone(backbone, pretrained=pretrained, pretrained_file=pretrained_file, **kwargs)
+        self.backbone, self.width = create_backbone(
+            backbone, pretrained=pretrained, pretrained_file=pretrained_file, input_size=input_size, **kwargs
+        )
         self.head: ClassifierHead | None
         if num_classes is None:
             self.head = None
@@ -173,8 +195,10 @@ class MatryoshkaModel(nn.Module):
             return self(x)
         return self(torch.cat([x, x.flip(-1)])).unflatten(1, (2, x.shape[0])).sum(1)
 
+    @inference
     def embed(self, x: torch.Tensor, dim: int | None = None, normalize: bool = False) -> torch.Tensor:
-        """The embedding at size ``dim`` (one of ``dims``; default the largest): ``[N, dim]``.
+        """The embedding at size ``dim`` (one of ``dims``; default the largest): ``[N, dim]``, in eval
+        mode without autograd (as :meth:`predict` and :meth:`predict_adaptive`).
 
         For an ``ff_projection`` head this is the learned ``m``-dimensional projection.
         """
@@ -185,11 +209,13 @@ class MatryoshkaModel(nn.Module):
         e = z[:, :dim] if self.head is None else self.head.embed(z, dim)
         return nn.functional.normalize(e, dim=-1) if normalize else e
 
+    @inference
     def predict(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
         """Class predictions ``[N]`` from size ``dim`` (default the largest; one head size only)."""
         head = self._require_head("predict")
         return head.logits_at(self.features(x), self.dims[-1] if dim is None else dim).argmax(-1)
 
+    @inference
     def predict_adaptive(
         self, x: torch.Tensor, thresholds: Sequence[float] | torch.Tensor | None = None, flip_tta: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,6 +354,19 @@ def load_pretrained_weights(model: MatryoshkaModel, directory: str | os.PathLike
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} has no {WEIGHTS_NAME}")
     model.load_state_dict(load_file(str(path)))
+
+
+def check_same_classes(num_classes: int | None, class_names: Sequence[str] | None, data_names: Sequence[str]) -> None:
+    """``ValueError`` unless a model's classes (count, and names where it has them) are the data's,
+    in the same order: "the checkpoint has 3 classes, the data 2", or the names that differ."""
+    if num_classes is not None and num_classes != len(data_names):
+        raise ValueError(f"the checkpoint has {num_classes} classes, the data {len(data_names)}")
+    if class_names is not None and list(class_names) != list(data_names):
+        only_model = [c for c in class_names if c not in data_names]
+        only_data = [c for c in data_names if c not in class_names]
+        detail = (f"only in the checkpoint: {only_model[:5]}; only in the data: {only_data[:5]}"
+                  if only_model or only_data else "the same names in another order")
+        raise ValueError(f"the checkpoint's classes are not the data's ({detail})")
 
 
 def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:

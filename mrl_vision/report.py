@@ -195,20 +195,37 @@ def read_run_results(run_dir: str | os.PathLike) -> dict:
             "hparams": hparams}
 
 
+def run_names(runs: list[dict]) -> list[str]:
+    """A distinct short name per run: the fewest trailing parts of its folder path that tell it
+    from every other (``version_0`` alone, or ``mrl/version_0`` beside ``ff/version_0``)."""
+    parts = [Path(r["dir"]).resolve().parts for r in runs]
+    for k in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [f"{'/'.join(p)} #{i + 1}" for i, p in enumerate(parts)]  # the same folder given twice
+
+
 def collect_series(runs: list[dict], metric: str = "top1") -> dict[str, list[dict]]:
     """Curves to plot and tabulate, ``{name: [{"dims", metric}, ...]}``: one per MRL/MRL-E run (named
     by its label, or label + folder when two share one), the FF runs merged into one curve (a point
-    per trained size), and the truncation probes."""
+    per trained size; one curve per run when two trained the same size), and the truncation probes.
+    No run is ever dropped."""
     series: dict[str, list[dict]] = {}
     labels = [r["label"] for r in runs]
-    for run in runs:
+    names = run_names(runs)
+    # FF runs merge into one curve of a point per size, unless two of them trained the same size
+    sizes = [(r["label"], row["dims"]) for r in runs if "series" not in r for row in r["rows"]]
+    clashing = {label for label, m in sizes if sizes.count((label, m)) > 1}
+    for run, folder in zip(runs, names):
         if "series" in run:
-            series.update(run["series"])
+            for name, rows in run["series"].items():
+                series[name if name not in series else f"{name} ({folder})"] = rows
             continue
-        if run["label"] in ("FF", "FF-proj"):
+        if run["label"] in ("FF", "FF-proj") and run["label"] not in clashing:
             series.setdefault(run["label"], []).extend(run["rows"])
             continue
-        name = run["label"] if labels.count(run["label"]) == 1 else f"{run['label']} ({Path(run['dir']).name})"
+        name = run["label"] if labels.count(run["label"]) == 1 else f"{run['label']} ({folder})"
         series[name] = list(run["rows"])
     for name, rows in series.items():
         by_size = {}
@@ -249,10 +266,10 @@ def markdown_table(rows: list[dict], digits: int = 2) -> str:
 def draw_adaptive(ax, runs: list[dict]) -> bool:
     """Each run's cascades (accuracy vs expected dims) beside its fixed sizes, on ``ax``; the chosen
     cascade starred. False (nothing drawn) when no run has an adaptive curve."""
-    with_curve = [r for r in runs if r.get("adaptive")]
-    for i, run in enumerate(with_curve):
+    with_curve = [(r, n) for r, n in zip(runs, run_names(runs)) if r.get("adaptive")]
+    for i, (run, folder) in enumerate(with_curve):
         a, colour = run["adaptive"], f"C{i}"
-        name = run["label"] if len(with_curve) == 1 else f"{run['label']} ({Path(run['dir']).name})"
+        name = run["label"] if len(with_curve) == 1 else f"{run['label']} ({folder})"
         for kind, style in (("fixed", "s--"), ("cascade", "o-")):
             pts = [p for p in a["curve"] if p["kind"] == kind]
             ax.plot([p["expected_dims"] for p in pts], [p["top1"] for p in pts], style, color=colour, markersize=4,
@@ -297,11 +314,11 @@ def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, 
     atomic_write_text(written["csv"], rows_to_csv(table))
     atomic_write_text(written["md"], f"{heading}\n\n" + markdown_table(table))
     adaptive_rows = []
-    for run in runs:
+    for run, folder in zip(runs, run_names(runs)):
         a = run.get("adaptive")
         if a and a["chosen"]:
             largest = run["rows"][-1]
-            adaptive_rows.append({"run": Path(run["dir"]).name, "label": run["label"], "split": a["split"],
+            adaptive_rows.append({"run": folder, "label": run["label"], "split": a["split"],
                                   "cascade top1": a["chosen"]["top1"], "expected dims": a["chosen"]["expected_dims"],
                                   "largest dims": largest["dims"], "largest top1": largest["top1"]})
     if plot_adaptive(runs, out / "adaptive.png"):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from .model import CONFIG_NAME, MatryoshkaModel
+from .model import CONFIG_NAME, MatryoshkaModel, check_same_classes
 
 
 def find_weights(path: str | os.PathLike) -> Path:
@@ -61,7 +61,8 @@ def build_datamodule(config: str | os.PathLike | None = None, args: Sequence[str
 def load_run(path: str | os.PathLike, data_args: Sequence[str] = (), map_location: str = "cpu"):
     """``(model, datamodule)`` of a run: ``path`` is a run folder, a checkpoint or a saved model
     folder; the data module comes from ``data_args`` when given, else from the run's ``config.yaml``,
-    else the quickstart. The model is a :class:`MatryoshkaModel` in eval mode.
+    else the quickstart. The model is a :class:`MatryoshkaModel` in eval mode; ``ValueError`` when its
+    classes are not the data module's.
 
     Example::
 
@@ -69,4 +70,6 @@ def load_run(path: str | os.PathLike, data_args: Sequence[str] = (), map_locatio
         loader = dm.eval_dataloader("test")
     """
     model = MatryoshkaModel.load(find_weights(path), map_location)
-    return model, build_datamodule(None if data_args else run_config(path), data_args)
+    datamodule = build_datamodule(None if data_args else run_config(path), data_args)
+    check_same_classes(model.num_classes, model.class_names, datamodule.class_names)
+    return model, datamodule

@@ -85,6 +85,7 @@ class MatryoshkaClassifier(L.LightningModule):
         # Checkpoints written before the rename spell dims as nesting (or ff_dim): read them as today's.
         model_kwargs = upgrade_config(model_kwargs)
         self.model = MatryoshkaModel(num_classes=num_classes, **model_kwargs)
+        self.hparams["dims"] = self.model.dims  # resolved (a default of None becomes the sizes): saved
         dims = self.model.dims
         self.criterion = MatryoshkaLoss(len(dims), loss_weights, label_smoothing)
         self.train_acc = MatryoshkaAccuracy(dims, num_classes, top_k)

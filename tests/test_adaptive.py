@@ -522,7 +522,7 @@ def test_prediction_writer_adaptive_columns(tmp_path, eval_flip_tta):
                         enable_model_summary=False)
     trainer.predict(model, DataLoader(TensorDataset(x, y), batch_size=8), return_predictions=False)
     rows = _read_csv(tmp_path / "predictions.csv")
-    assert list(rows[0]) == ["index", "target", "adaptive_pred", "adaptive_dims"]
+    assert list(rows[0]) == ["index", "target", "adaptive_pred", "adaptive_dims"]  # no class names: no name columns
     assert [int(r["index"]) for r in rows] == list(range(20))
     assert [int(r["target"]) for r in rows] == y.tolist()
     assert [int(r["adaptive_pred"]) for r in rows] == ref_preds.tolist()
@@ -702,7 +702,7 @@ def test_cli_predict_adaptive(fitted, run_dir, saved_flag):
     assert c.model.model.adaptive_thresholds.tolist() == fitted.cb.thresholds  # the buffer came from the checkpoint
     path = (run_dir / c.trainer.log_dir / "predictions.csv").resolve()
     rows = _read_csv(path)
-    assert list(rows[0]) == ["index", "target", "adaptive_pred", "adaptive_dims"]
+    assert list(rows[0]) == ["index", "target", "adaptive_pred", "adaptive_dims", "target_class", "adaptive_pred_class"]
     assert len(rows) == 32 and [int(r["index"]) for r in rows] == list(range(32))
     assert {int(r["adaptive_dims"]) for r in rows} <= set(NEST)
     assert len({int(r["adaptive_dims"]) for r in rows}) >= 2

@@ -90,7 +90,7 @@ def test_fit_fast_dev_run(run_dir):
 
 def test_test_fast_dev_run(run_dir):
     """`mrl-vision test` with fast_dev_run does not evaluate every size (AccuracyReport.rows)."""
-    c = cli(["test", *BASE, "--trainer.fast_dev_run", "1"])
+    c = cli(["test", *BASE, "--trainer.fast_dev_run", "1", "--allow_untrained", "true"])
     reports = [cb for cb in c.trainer.callbacks if isinstance(cb, AccuracyReport)]
     assert len(reports) == 1  # added by `mrl-vision test`
     rows = reports[0].rows
@@ -100,7 +100,7 @@ def test_test_fast_dev_run(run_dir):
 
 def test_predict_fast_dev_run(run_dir):
     """`mrl-vision predict` with fast_dev_run does not write one batch of predictions."""
-    c = cli(["predict", *BASE, "--trainer.fast_dev_run", "1"])
+    c = cli(["predict", *BASE, "--trainer.fast_dev_run", "1", "--allow_untrained", "true"])
     writers = [cb for cb in c.trainer.callbacks if isinstance(cb, PredictionWriter)]
     assert len(writers) == 1 and writers[0].path is not None and writers[0].path.is_file()
     rows = _read_csv(writers[0].path)
@@ -129,13 +129,15 @@ def test_test_writes_accuracy_report(run_dir, trained):
 
 
 def test_predict_writes_predictions_csv(run_dir, trained):
-    """`mrl-vision predict` does not write every image's per-size prediction and confidence."""
+    """`mrl-vision predict` does not write every image's per-size prediction, confidence and class name."""
     c = cli(["predict", *BASE, "--trainer.limit_predict_batches", "2", "--ckpt_path", str(trained)])
     path = (run_dir / c.trainer.log_dir / "predictions.csv").resolve()
     assert path.parent == run_dir / "runs" / "quickstart" / "version_0"
     rows = _read_csv(path)
     m = TEST_RESNET_DIMS
-    assert list(rows[0]) == ["index", "target"] + [f"pred@{s}" for s in m] + [f"conf@{s}" for s in m]
+    assert list(rows[0]) == (["index", "target"] + [f"pred@{s}" for s in m] + [f"conf@{s}" for s in m]
+                             + ["target_class"] + [f"class@{s}" for s in m])
+    assert all(r["target_class"] == r["target"] and r["class@8"] == r["pred@8"] for r in rows)  # digits '0'..'9'
     assert [int(r["index"]) for r in rows] == list(range(32))
     logits, y = _reference_logits(trained, 32)
     probs = logits.softmax(-1)

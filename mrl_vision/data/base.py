@@ -3,6 +3,7 @@ map-style data (image folders, the quickstart digits) written once."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -46,6 +47,8 @@ class MatryoshkaDataModule(L.LightningDataModule):
     A new data module sets ``class_names``, ``input_size``, ``mean``, ``std`` (attributes or
     properties), ``batch_size`` and ``num_workers``, and provides ``dataset(split, evaluate=None)``
     (a map-style dataset of ``train``, ``val`` or ``test``); the base builds every loader from it.
+    ``predict`` runs on the test split unless ``predict_dataset`` says otherwise, and a module that
+    can name its samples (file paths) overrides ``sample_names``.
     A module with its own loaders (``FFCVDataModule``) overrides the ``*_dataloader`` hooks and
     ``eval_dataloader`` instead; one that can change its training crop between epochs sets
     ``resizable = True`` and overrides ``set_train_resolution``.
@@ -107,14 +110,31 @@ class MatryoshkaDataModule(L.LightningDataModule):
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; choose {', '.join(self.splits[:-1])} or {self.splits[-1]}")
 
-    def _loader(self, split: str, train: bool = False, batch_size: int | None = None, shard: bool = True) -> DataLoader:
+    def predict_dataset(self) -> Dataset:
+        """What ``predict`` runs on: the test split, unless a module has its own images to predict."""
+        return self.dataset("test", evaluate=True)
+
+    def sample_names(self, split: str) -> list[str] | None:
+        """An identifier of each sample of ``split`` (``train``, ``val``, ``test`` or ``predict``: what
+        ``predict_dataloader`` reads), in dataset order, for writing predictions; ``None`` where a module
+        has none (in-memory data)."""
+        return None
+
+    def _loader(self, dataset: Dataset, train: bool = False, batch_size: int | None = None, shard: bool = True) -> DataLoader:
         # Under DDP, Lightning shards training with its DistributedSampler; evaluation uses
         # unpadded shards (``shard``) so that every sample counts once.
-        dataset = self.dataset(split, evaluate=not train)
+        batch_size = batch_size or self.batch_size
+        devices = self.trainer.world_size if self._trainer_attached() else 1
+        if train and self.drop_last_train and math.ceil(len(dataset) / devices) < batch_size:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the {len(dataset)} training samples"
+                f"{f' shared by {devices} devices' if devices > 1 else ''}: the last incomplete training batch "
+                "is dropped, so training would run no step (lower batch_size)"
+            )
         trainer = self.trainer if shard and not train and self._trainer_attached() else None
         return DataLoader(
             dataset,
-            batch_size=batch_size or self.batch_size,
+            batch_size=batch_size,
             shuffle=train,
             sampler=eval_sampler(dataset, trainer),
             drop_last=train and self.drop_last_train,
@@ -124,23 +144,24 @@ class MatryoshkaDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self._loader(self.dataset("train", evaluate=False), train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+        return self._loader(self.dataset("val", evaluate=True))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(self.dataset("test", evaluate=True))
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        return self._loader(self.predict_dataset())
 
     def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
         """``split`` with the evaluation transforms, in order, unsharded (features for linear probes)."""
         self._check_split(split)
-        return self._loader(split, batch_size=batch_size, shard=False)
+        return self._loader(self.dataset(split, evaluate=True), batch_size=batch_size, shard=False)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # checks (images, labels) pairs; a batch of images alone (unlabeled predict data) passes as it is
         if isinstance(batch, (list, tuple)) and len(batch) >= 2 and torch.is_tensor(batch[1]):
             if batch[1].device.type == "cpu":
                 check_labels(batch[1], self.num_classes)

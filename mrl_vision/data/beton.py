@@ -4,24 +4,46 @@
 the built-in ``quickstart`` digits into one FFCV file with an ``image`` and a ``label`` field. The
 file is written under a temporary name in the output folder and renamed when complete; a sidecar
 ``OUTPUT.beton.json`` records the sample count, the class names in label order, the file size and
-the write options, so a data module can tell a complete file from a truncated or foreign one.
+the write options and a SHA-256 checksum of the whole file, so a data module can tell a complete
+file from a truncated, foreign or modified one.
+
+Interruptions: the writer processes die with the process that started them (a ``kill -9`` leaves
+none behind); Ctrl-C (and SIGTERM under ``mrl-vision prepare``) stops them and removes the temporary
+file; a temporary file left by a killed ``prepare`` (its name holds the host and pid) is removed by
+the next ``prepare`` of the same target.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import hashlib
 import json
+import multiprocessing
 import os
+import re
+import signal
+import socket
+import sys
+import tempfile
+import threading
 import time
+import warnings
+from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..files import atomic_path, atomic_write_text
+from ..files import atomic_write_text
 
 SIDECAR_FORMAT = "mrl-vision-beton"
 SIDECAR_KEYS = ("format", "num_samples", "classes", "file_size", "fields")
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
+CHECKSUM = "sha256"  # SHA-NI makes it the fastest of hashlib's strong hashes on x86 (benchmarks/beton_checksum.py)
+# Files up to this size are verified against their checksum by default when a data module opens
+# them: reading and hashing 2 GiB from the page cache takes about 2 s on one core.
+VERIFY_MAX_BYTES = 2 << 30
 FFCV_INSTALL_HINT = (
     "FFCV is not installed: install its system libraries (Debian/Ubuntu: apt-get install "
     "libturbojpeg0-dev libopencv-dev pkg-config), then pip install 'mrl-vision[ffcv]'"
@@ -42,12 +64,13 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------- sources
 class FolderSource:
-    """``root/<class>/<image>`` as (PIL RGB image, label) pairs, optionally ``limit`` per class."""
+    """``root/<class>/<image>`` as (PIL RGB image, label) pairs, optionally ``limit`` per class
+    (scanned and read as by ``ImageFolderDataModule``: ``scan_split``, ``read_image``)."""
 
-    def __init__(self, root: str | os.PathLike, limit: int | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, limit: int | None = None, allow_empty_classes: bool = False) -> None:
         from .imagefolder import scan_split
 
-        self.classes, samples = scan_split(Path(root))
+        self.classes, samples = scan_split(Path(root), allow_empty_classes=allow_empty_classes)
         if limit is not None:
             samples = [samples[i] for i in first_per_class([t for _, t in samples], limit)]
         self.samples = samples
@@ -60,15 +83,16 @@ class FolderSource:
     def __getitem__(self, i: int):
         from PIL import Image
 
+        from .imagefolder import read_image
+
         path, label = self.samples[i]
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB"), label
-        except Exception as e:  # noqa: BLE001 - a dead FFCV writer process would hang the parent
+            return read_image(path), label
+        except ValueError as e:  # it names the file; a dead FFCV writer process would hang the parent
             if self.error_log is None:
                 raise
             with open(self.error_log, "a") as log:  # one short line: an atomic append
-                log.write(f"{path}: {type(e).__name__}: {e}\n")
+                log.write(f"{e}\n")
             return Image.new("RGB", (8, 8)), label  # placeholder; write_beton then fails
 
 
@@ -109,6 +133,170 @@ def first_per_class(labels: Sequence[int], limit: int) -> list[int]:
     return keep
 
 
+# ----------------------------------------------------------------------------- interruptions
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM received inside :func:`interrupt_on_signals`; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum, self.name = signum, signal.Signals(signum).name
+        super().__init__(self.name)
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """Raise :class:`Interrupted` on SIGINT and SIGTERM inside the block (main thread only), so that
+    ``write_beton`` stops its writer processes and removes its temporary file on either."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """In a writer process: be killed when ``parent`` dies (Linux ``PR_SET_PDEATHSIG``, elsewhere a
+    thread polling the parent pid); leave Ctrl-C to the parent, take SIGTERM's default action."""
+    for signum, action in ((signal.SIGINT, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_DFL)):
+        with contextlib.suppress(ValueError):  # not the main thread: keep the inherited handlers
+            signal.signal(signum, action)
+    try:
+        armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):  # not Linux
+        armed = False
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    if not armed:
+        def poll() -> None:
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=poll, name="die-with-parent", daemon=True).start()
+
+
+class WriterProcess(multiprocessing.Process):
+    """An FFCV writer process that dies with the process that started it (see ``die_with_parent``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parent = os.getpid()
+        self.queues = [a for a in kwargs.get("args", ()) if isinstance(a, Queue)]
+
+    def run(self) -> None:
+        die_with_parent(self.parent)
+        super().run()
+
+
+def stop_processes(processes: Sequence[WriterProcess], timeout: float = 3.0) -> None:
+    """Terminate the started ``processes`` (SIGTERM, SIGKILL after ``timeout`` s) and reap them; make
+    their queues' feeder threads not block the exit (nobody reads those pipes any more)."""
+    started = [p for p in processes if p.pid is not None]
+    for p in started:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in started:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+    for p in processes:
+        for q in p.queues:
+            q.cancel_join_thread()
+
+
+@contextlib.contextmanager
+def stoppable_writer() -> Iterator[None]:
+    """Inside the block, ffcv's ``DatasetWriter`` starts :class:`WriterProcess` es; on any exception
+    (Ctrl-C included) they are stopped and its progress bar closed before the exception propagates."""
+    import ffcv.writer
+
+    processes: list[WriterProcess] = []
+    bars: list[Any] = []
+    previous = ffcv.writer.Process, ffcv.writer.tqdm
+
+    def process(*args: Any, **kwargs: Any) -> WriterProcess:
+        processes.append(WriterProcess(*args, **kwargs))
+        return processes[-1]
+
+    def bar(*args: Any, **kwargs: Any) -> Any:
+        bars.append(previous[1](*args, **kwargs))
+        return bars[-1]
+
+    ffcv.writer.Process, ffcv.writer.tqdm = process, bar
+    try:
+        yield
+    except BaseException:
+        stop_processes(processes)
+        for b in bars:
+            b.close()
+        raise
+    finally:
+        ffcv.writer.Process, ffcv.writer.tqdm = previous
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0]) or "host"
+
+
+def temp_beton_path(output: Path) -> Path:
+    """A new empty temporary file beside ``output``: ``.NAME.HOST.pidPID.RANDOM.tmp``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.{_host()}.pid{os.getpid()}.", suffix=".tmp", dir=output.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
+    return True
+
+
+def remove_stale_temp_files(output: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of ``output`` left by a ``prepare`` of this host that is no longer
+    running (killed mid-write), saying so on stderr; return their paths."""
+    output = Path(output)
+    if not output.parent.is_dir():
+        return []
+    ours = re.compile(rf"\.{re.escape(output.name)}\.{re.escape(_host())}\.pid(\d+)\.\w+\.tmp(\.errors)?")
+    older = re.compile(rf"\.{re.escape(output.name)}\.\w{{8}}\.tmp")  # before pids were in the name
+    removed = []
+    for p in sorted(output.parent.iterdir()):
+        m = ours.fullmatch(p.name)
+        if m and not pid_running(int(m.group(1))):
+            try:
+                size = p.stat().st_size
+                p.unlink()
+            except FileNotFoundError:  # another prepare got there first
+                continue
+            removed.append(p)
+            print(f"removed {str(p)!r} ({size:,} bytes): a temporary file of {output.name} left by a prepare "
+                  f"that was killed (pid {m.group(1)} is gone)", file=sys.stderr)
+        elif older.fullmatch(p.name):
+            print(f"note: {str(p)!r} looks like a temporary file of an older prepare of {output.name}; "
+                  "delete it if no prepare is writing it", file=sys.stderr)
+    return removed
+
+
 # ----------------------------------------------------------------------------- writing
 def write_beton(
     source: str,
@@ -123,12 +311,19 @@ def write_beton(
     seed: int = 0,
     overwrite: bool = False,
     chunksize: int = 100,
+    allow_empty_classes: bool = False,
 ) -> dict[str, Any]:
     """Write ``source`` (a folder tree or ``"quickstart"``) to ``output`` and its sidecar; return the sidecar.
 
     Options follow FFCV's ImageNet recipe: ``write_mode`` raw (decoded pixels), jpg, proportion
     (JPEG with probability ``compress_probability``) or smart; ``max_resolution`` caps the longer
-    side; ``jpeg_quality`` for compressed images. ``split`` and ``seed`` apply to ``quickstart``.
+    side; ``jpeg_quality`` for compressed images. ``split`` and ``seed`` apply to ``quickstart``;
+    ``allow_empty_classes`` keeps class folders without images (by default they fail, named).
+
+    The file is written under a temporary name and renamed when complete, after its checksum is
+    recorded in the sidecar. On any exception (``KeyboardInterrupt`` included) the writer processes
+    are stopped and the temporary file removed; stale temporary files of ``output`` left by a killed
+    ``prepare`` are removed first (see ``remove_stale_temp_files``).
 
     Example::
 
@@ -150,12 +345,13 @@ def write_beton(
         raise ValueError(f"--jpeg-quality must be in [1, 100], got {jpeg_quality}")
     if max_resolution is not None and max_resolution < 1:
         raise ValueError(f"--max-resolution must be >= 1, got {max_resolution}")
+    remove_stale_temp_files(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{str(output)!r} exists; pass --overwrite to replace it")
     if source == "quickstart":
         dataset = QuickstartSource(split, seed=seed, limit=limit)
     elif Path(source).is_dir():
-        dataset = FolderSource(source, limit=limit)
+        dataset = FolderSource(source, limit=limit, allow_empty_classes=allow_empty_classes)
     else:
         raise FileNotFoundError(
             f"source {source!r} is neither an image folder (SOURCE/<class>/<image>) nor 'quickstart'"
@@ -179,42 +375,82 @@ def write_beton(
         "label": IntField(),
     }
     start = time.time()
-    with atomic_path(output) as tmp:
-        error_log = Path(str(tmp) + ".errors")
-        dataset.error_log = str(error_log)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_beton_path(output)  # holds this host and pid: a later prepare can tell a stale one
+    error_log = Path(str(tmp) + ".errors")
+    dataset.error_log = str(error_log)
+    writer = None
+    try:
         try:
-            writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
-            writer.from_indexed_dataset(dataset, chunksize=chunksize)  # shows a progress bar
-            bad = error_log.read_text().splitlines() if error_log.exists() else []
-        finally:
-            error_log.unlink(missing_ok=True)
+            with stoppable_writer():
+                writer = DatasetWriter(str(tmp), fields, num_workers=num_workers)
+                writer.from_indexed_dataset(dataset, chunksize=chunksize)  # shows a progress bar
+        except BaseException:
+            free_shared_memory(writer)
+            raise
+        bad = error_log.read_text().splitlines() if error_log.exists() else []
         if bad:
             more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
             raise ValueError(f"{len(bad)} source image(s) cannot be read, nothing written: " + "; ".join(bad[:3]) + more)
         info = {
             "format": SIDECAR_FORMAT,
-            "version": 1,
+            "version": 2,
             "num_samples": len(dataset),
             "num_classes": len(dataset.classes),
             "classes": list(dataset.classes),
             "fields": ["image", "label"],
             "file_size": tmp.stat().st_size,
+            "checksum": file_checksum(tmp),
             "source": os.path.basename(os.path.normpath(source)) if source != "quickstart" else "quickstart",
             "split": split if source == "quickstart" else None,
             "write_options": options,
             "seconds": round(time.time() - start, 2),
         }
         atomic_write_text(sidecar_path(output), json.dumps(info, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, output)
+    finally:
+        error_log.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return info
 
 
+def free_shared_memory(writer: Any) -> None:
+    """Release the metadata shared memory of an interrupted ffcv ``DatasetWriter`` (if it made one)."""
+    from multiprocessing import shared_memory
+
+    sm = getattr(writer, "metadata_sm", None)
+    if isinstance(sm, shared_memory.SharedMemory):
+        for release in (sm.close, sm.unlink):
+            with contextlib.suppress(Exception):  # already released, or views still exported
+                release()
+
+
 # ----------------------------------------------------------------------------- checking
-def check_beton(path: str | os.PathLike, num_classes: int | None = None) -> dict[str, Any]:
+def file_checksum(path: str | os.PathLike, algorithm: str = CHECKSUM) -> str:
+    """``"ALGORITHM:HEXDIGEST"`` of the whole file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def check_beton(
+    path: str | os.PathLike, num_classes: int | None = None, verify_checksum: bool | None = None
+) -> dict[str, Any]:
     """Check an FFCV file against its sidecar before any loader reads it; return the sidecar.
 
     Fails with a message naming the file when it is missing, has no or an incomplete sidecar, is
     truncated (size differs from the recorded one), cannot be parsed, lacks the image/label
-    fields, holds labels outside ``[0, num_classes)``, or disagrees with ``num_classes``.
+    fields, holds labels outside ``[0, num_classes)``, disagrees with ``num_classes``, or (last,
+    the costly check) differs from the checksum its sidecar records: ``verify_checksum`` None
+    checks files up to ``VERIFY_MAX_BYTES``, True always, False never. A sidecar without a
+    checksum (an older ``prepare``) skips that check with a warning.
     """
     require_ffcv()
     from ffcv.reader import Reader
@@ -261,5 +497,26 @@ def check_beton(path: str | os.PathLike, num_classes: int | None = None) -> dict
     if len(labels) and (labels.min() < 0 or labels.max() >= n_classes):
         bad = int(labels[(labels < 0) | (labels >= n_classes)][0])
         raise ValueError(f"FFCV file {str(path)!r} holds label {bad}, outside [0, {n_classes})")
+    if verify_checksum or (verify_checksum is None and size <= VERIFY_MAX_BYTES):
+        verify_beton_checksum(path, info)
     return info
+
+
+def verify_beton_checksum(path: str | os.PathLike, info: dict[str, Any]) -> bool:
+    """Compare ``path`` with the checksum in its sidecar ``info``: ``ValueError`` naming the file when
+    they differ; a warning and False when the sidecar has none; True when they match."""
+    recorded = info.get("checksum")
+    if not recorded:
+        warnings.warn(f"{str(path)!r}: its sidecar has no checksum (written by an older `mrl-vision prepare`); "
+                      "contents not verified", stacklevel=3)
+        return False
+    algorithm = str(recorded).split(":", 1)[0]
+    if algorithm not in hashlib.algorithms_available:
+        raise ValueError(f"sidecar of {str(path)!r} records a checksum in an unknown algorithm {algorithm!r}")
+    if file_checksum(path, algorithm) != recorded:
+        raise ValueError(
+            f"FFCV file {str(path)!r} differs from what `mrl-vision prepare` wrote (its {algorithm} checksum does "
+            "not match the sidecar's): it was modified or corrupted in place; prepare it again"
+        )
+    return True
 

@@ -5,7 +5,11 @@ module checks them against their sidecars when built, and creates one FFCV ``Loa
 inside the ``*_dataloader()`` hooks (so under DDP the process group exists and each rank reads
 its own shard with ``distributed=True``).
 
-Pipelines: images are decoded, cropped and flipped on the CPU by FFCV's JIT-compiled operations.
+Pipelines: images are decoded, cropped and flipped on the CPU by JIT-compiled FFCV operations.
+Training crops and flips are seeded (``ffcv_ops``): drawn from (``seed``, epoch, sample index),
+so a seeded run sees the same batches on every run, whatever the number of loader threads; the
+epoch is the Trainer's (a resumed run continues the sequence) and the order is FFCV's ``RANDOM``
+with the same seed (``seed + epoch``).
 On a GPU the ``uint8`` NCHW batch (channels-last strides) is copied non-blocking by FFCV's
 ``ToDevice`` and normalised in torch on the device, in the Trainer's precision (no cupy needed).
 On the CPU FFCV's JIT ``NormalizeImage`` normalises to float32 in the loader threads, into buffers
@@ -16,7 +20,7 @@ FFCV's pipeline grouping loop forever.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -64,8 +68,13 @@ class FFCVDataModule(MatryoshkaDataModule):
         rrc_scale / rrc_ratio: RandomResizedCrop's area and aspect ranges.
         mean / std: normalisation in [0, 1] units.
         num_classes: expected class count, checked against the files' sidecars (default: theirs).
+        verify_checksum: compare each file with the SHA-256 checksum its sidecar records (bytes
+            changed in place): None (default) for files up to ``VERIFY_MAX_BYTES`` (2 GiB, about
+            2 s), True always, False never.
         distributed: shard with ``distributed=True``; default: when the Trainer has more than one process.
-        seed: order seed (the same on every rank, so shards do not overlap).
+        seed: seed of the training order and augmentation (the same on every rank, so shards do not
+            overlap): epoch ``e`` shuffles with ``seed + e``, and each sample's crop and flip are a
+            function of (``seed``, ``e``, its index in the file), independent of threads and ranks.
 
     Example::
 
@@ -100,6 +109,7 @@ class FFCVDataModule(MatryoshkaDataModule):
         num_classes: int | None = None,
         distributed: bool | None = None,
         seed: int = 0,
+        verify_checksum: bool | None = None,
     ) -> None:
         super().__init__()
         require_ffcv()
@@ -118,7 +128,7 @@ class FFCVDataModule(MatryoshkaDataModule):
         given = {k: p for k, p in self.paths.items() if p}
         if not given:
             raise ValueError("FFCVDataModule needs at least one of train_path, val_path, test_path")
-        self.info = {p: check_beton(p, num_classes) for p in set(given.values())}
+        self.info = {p: check_beton(p, num_classes, verify_checksum) for p in set(given.values())}
         classes = {tuple(i["classes"]) for i in self.info.values()}
         if len(classes) > 1:
             raise ValueError(f"the FFCV files disagree on their classes: {sorted(given.values())}")
@@ -162,9 +172,11 @@ class FFCVDataModule(MatryoshkaDataModule):
         """The FFCV ``Loader`` of ``split`` (``train``, ``val``, ``test`` or ``predict``); the training
         split is augmented and shuffled unless ``augment=False`` (then read as for evaluation);
         ``batch_size`` overrides the configured one."""
-        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
-        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
+
+        from .ffcv_ops import SeededLoader, SeededRandomHorizontalFlip, SeededRandomResizedCropRGBImageDecoder
 
         hp = self.hparams
         path = self.paths[split]
@@ -174,12 +186,12 @@ class FFCVDataModule(MatryoshkaDataModule):
         distributed = self._distributed()
         if train and hp.order == "quasi_random" and distributed:
             raise ValueError("order='quasi_random' does not work under DDP (distributed=True); use order='random'")
-        if train:
-            decoder = RandomResizedCropRGBImageDecoder(
-                (self.image_size, self.image_size), scale=tuple(hp.rrc_scale), ratio=tuple(hp.rrc_ratio)
+        if train:  # seeded: crops and flips from (seed, epoch, sample index); SeededLoader sets the epoch
+            decoder = SeededRandomResizedCropRGBImageDecoder(
+                (self.image_size, self.image_size), scale=tuple(hp.rrc_scale), ratio=tuple(hp.rrc_ratio), seed=hp.seed
             )
             self._decoders.append(decoder)
-            image = [decoder] + ([RandomHorizontalFlip()] if hp.hflip else [])
+            image = [decoder] + ([SeededRandomHorizontalFlip(seed=hp.seed)] if hp.hflip else [])
         else:
             image = [CenterCropRGBImageDecoder((hp.eval_image_size, hp.eval_image_size), ratio=hp.eval_crop_ratio)]
         label = [IntDecoder(), ToTensor(), Squeeze(1)]  # dim 1 only: a batch of one stays [1]
@@ -201,7 +213,7 @@ class FFCVDataModule(MatryoshkaDataModule):
             world, rank = self.trainer.world_size, self.trainer.global_rank
             indices = np.arange(rank, self.info[path]["num_samples"], world)
             distributed = False
-        return Loader(
+        return (SeededLoader if train else Loader)(
             str(path),
             indices=indices,
             batch_size=batch_size or (hp.batch_size if train else (hp.eval_batch_size or hp.batch_size)),
@@ -216,7 +228,11 @@ class FFCVDataModule(MatryoshkaDataModule):
         )
 
     def train_dataloader(self) -> "LazyEpochs":
-        return LazyEpochs(self.make_loader("train"))
+        return LazyEpochs(self.make_loader("train"), self._trainer_epoch)
+
+    def _trainer_epoch(self) -> int | None:
+        """The Trainer's current epoch (the seeded order and augmentation of a resumed run continue)."""
+        return self.trainer.current_epoch if self._trainer_attached() else None
 
     def val_dataloader(self):
         return self.make_loader("val")
@@ -259,14 +275,20 @@ class LazyEpochs:
     before a resumed run's epoch is restored, and before ``on_train_epoch_start``); FFCV's
     ``Loader`` would start decoding at that moment, with the resolution of that moment. Deferring
     the start lets ``ProgressiveResizing`` set every epoch's size, the first one included. With a
-    length, Lightning does not prefetch a batch at ``iter()``.
+    length, Lightning does not prefetch a batch at ``iter()``. ``epoch`` (a callable, e.g. the
+    Trainer's current epoch; ``None`` from it keeps FFCV's own count) sets the epoch each pass
+    starts at, which seeds the order and the seeded augmentation.
     """
 
-    def __init__(self, loader) -> None:
+    def __init__(self, loader, epoch: Callable[[], int | None] | None = None) -> None:
         self.loader = loader
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        epoch = self.epoch() if self.epoch is not None else None
+        if epoch is not None:
+            self.loader.next_epoch = int(epoch)
         yield from self.loader
