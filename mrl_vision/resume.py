@@ -207,7 +207,7 @@ def resolve_last_checkpoint(trainer: L.Trainer, model: L.LightningModule | None 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's ``TorchCheckpointIO`` that writes each local checkpoint to a temporary file beside
-    it (``.NAME.XXXX.tmp``) and renames it into place: a crash or ``SIGKILL`` during a save leaves
+    it (``.NAME.<random>.tmp``) and renames it into place: a crash or ``SIGKILL`` during a save leaves
     the previous file (or none), never a truncated one. Remote paths (``s3://``, ...) are written as
     Lightning writes them. A kill during a save can leave the temporary file behind (not a ``*.ckpt``,
     so nothing reads it).
