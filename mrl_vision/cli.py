@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from .callbacks import AccuracyReport, PredictionWriter
 from .model import check_same_classes, load_pretrained_weights, read_pretrained_config, upgrade_config
-from .resume import check_checkpoint, resolve_last_checkpoint, use_atomic_checkpoint_io
+from .resume import ARCHITECTURE_KEYS, check_checkpoint, resolve_last_checkpoint, use_atomic_checkpoint_io
 from .task import MatryoshkaClassifier
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -43,7 +43,8 @@ class MRLCLI(LightningCLI):
     # Evaluation-time options: taken from this command, not from the checkpoint's hyperparameters.
     EVAL_OPTIONS = ("adaptive_predict", "eval_flip_tta")
     # What a checkpoint fixes: a command-line value that differs is an error, not silently ignored.
-    ARCHITECTURE = ("backbone", "head", "dims", "backbone_kwargs", "blurpool")
+    # (num_classes is linked from the data and checked against it in _check_classes)
+    ARCHITECTURE = tuple(k for k in ARCHITECTURE_KEYS if k != "num_classes")
     EVALUATING = ("validate", "test", "predict")
 
     def add_arguments_to_parser(self, parser) -> None:

@@ -34,7 +34,6 @@ from mrl_vision import MatryoshkaClassifier, MatryoshkaModel
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval"),
-    pytest.mark.filterwarnings("ignore:.*overridden `on_before_batch_transfer`"),
     pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
     pytest.mark.filterwarnings("ignore:.*sync_dist=True.*"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),

@@ -26,7 +26,6 @@ from mrl_vision import MatryoshkaClassifier
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval"),
-    pytest.mark.filterwarnings("ignore:.*overridden `on_before_batch_transfer`"),
     pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`"),
 ]
 

@@ -49,7 +49,6 @@ from mrl_vision import MatryoshkaClassifier  # noqa: E402
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)"),
-    pytest.mark.filterwarnings("ignore:.*overridden `on_before_batch_transfer`"),
     pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty"),
     pytest.mark.filterwarnings("ignore:The dirpath has changed"),
 ]
