@@ -334,6 +334,167 @@ class AdaptiveClassificationCallback(L.Callback):
         self.thresholds, self.result = state_dict.get("thresholds"), state_dict.get("result")
 
 
+class KNNMonitor(L.Callback):
+    """Per-size kNN top-1 of the validation images against a bank of training embeddings, as
+    self-supervised frameworks monitor their representations: ``val/knn_top1@m`` for every size ``m``,
+    a fraction in [0, 1] like ``val/top1@m``. Off unless added to the trainer's callbacks.
+
+    At the start of each validation it embeds (eval mode, no autograd, the Trainer's precision)
+    ``bank_size`` samples of the training split spread evenly over it (sample ``i * N // bank_size``:
+    every class of a split stored class by class), read with the evaluation transform through the
+    data module's ``eval_dataloader("train", subset=...)``; under DDP each rank reads its unpadded
+    share of them and the shares are gathered in order, so every rank holds the same bank. Each validation image's pooled embedding (what
+    ``validation_step`` returns under ``embedding``; the image itself, not its mirror, under flip TTA)
+    is compared with the bank at each size: the first ``m`` dimensions, L2-normalised, cosine
+    similarity (:func:`mrl_vision.retrieval.normalize_prefix`, :func:`~mrl_vision.retrieval.exact_search`);
+    its ``k`` nearest training samples vote for its class (:func:`mrl_vision.retrieval.knn_vote`). Correct and total counts
+    are summed over the ranks (whose validation shards hold every sample once), so the values equal a
+    single process's. The sanity check is skipped.
+
+    Args:
+        bank_size: training samples in the bank (fewer when the split is smaller); at least ``k``.
+        k: neighbours that vote.
+        dims: the sizes to monitor, each in ``[1, width]`` (default: the model's ``dims``).
+        every_n_epochs: during ``fit``, run at the validations of every n-th epoch (``validate`` always runs).
+        temperature: ``None``: majority vote (a tie goes to the smallest class index); a float ``T > 0``:
+            DINO's weighted vote, each neighbour weighing ``exp(similarity / T)`` (DINO uses 0.07).
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: mrl_vision.callbacks.KNNMonitor
+              init_args: {bank_size: 10000, k: 20}
+
+    Example (CLI)::
+
+        mrl-vision fit --config configs/quickstart.yaml \\
+            --trainer.callbacks+=mrl_vision.callbacks.KNNMonitor --trainer.callbacks.bank_size 4000
+    """
+
+    def __init__(
+        self,
+        bank_size: int = 10000,
+        k: int = 20,
+        dims: list[int] | None = None,
+        every_n_epochs: int = 1,
+        temperature: float | None = None,
+    ) -> None:
+        for name, value in (("k", k), ("bank_size", bank_size), ("every_n_epochs", every_n_epochs)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {name}={value!r}")
+        if bank_size < k:
+            raise ValueError(f"bank_size must be >= k: bank_size={bank_size} is below k={k}")
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (or None for a majority vote), got temperature={temperature!r}")
+        if dims is not None:
+            if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or not dims:
+                raise ValueError(f"dims must be a non-empty list of sizes, got dims={dims!r}")
+            bad = [m for m in dims if isinstance(m, bool) or not isinstance(m, int) or m < 1]
+            if bad:
+                raise ValueError(f"dims must be integers >= 1, got {bad[0]!r} in dims={list(dims)}")
+        self.bank_size, self.k, self.every_n_epochs, self.temperature = bank_size, k, every_n_epochs, temperature
+        self.dims = None if dims is None else list(dims)
+        self.sizes: list[int] = []
+        self._bank: list[torch.Tensor] | None = None  # per size: the normalised prefixes [B, m]
+        self._bank_labels: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None  # correct per size, then the sample count
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from .data import MatryoshkaDataModule
+
+        dm = trainer.datamodule
+        if not isinstance(dm, MatryoshkaDataModule):
+            raise ValueError(
+                f"KNNMonitor reads the training split through a MatryoshkaDataModule's eval_dataloader; "
+                f"got the data module {type(dm).__name__ if dm is not None else None}"
+            )
+        model = pl_module.model
+        sizes = list(model.dims) if self.dims is None else self.dims
+        bad = [m for m in sizes if m > model.width]
+        if bad:
+            raise ValueError(
+                f"dims must be sizes in [1, {model.width}] (the model's embedding width), got {bad[0]} in dims={sizes}"
+            )
+        self.sizes = sizes
+
+    def _runs_now(self, trainer: L.Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        if trainer.state.fn == "fit":
+            return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return True
+
+    # -- the bank
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from .retrieval import normalize_prefix
+
+        self._bank = self._bank_labels = self._counts = None
+        if not self._runs_now(trainer):
+            return
+        z, labels = self._read_bank(trainer, pl_module)
+        if labels.numel() < self.k:
+            raise ValueError(f"the training split has {labels.numel()} samples, fewer than k={self.k} neighbours")
+        self._bank = [normalize_prefix(z, m) for m in self.sizes]
+        self._bank_labels = labels
+        self._counts = torch.zeros(len(self.sizes) + 1, dtype=torch.long, device=z.device)
+
+    def _read_bank(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled embeddings ``[B, d]`` (float32) and labels ``[B]`` of ``bank_size`` training samples
+        spread evenly over the split (evaluation transform), the same on every rank: each rank reads
+        its strided share of them and the shares are gathered back in order."""
+        dm, model, device = trainer.datamodule, pl_module.model, pl_module.device
+        total = dm.num_samples("train")
+        size = min(self.bank_size, total)
+        bank = [i * total // size for i in range(size)]  # evenly spaced: every class of a class-ordered split
+        feats, labels = [], []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), trainer.precision_plugin.val_step_context():
+                for batch in dm.eval_dataloader("train", shard=True, subset=bank):
+                    batch = dm.on_before_batch_transfer(batch, 0)
+                    batch = dm.transfer_batch_to_device(batch, device, 0)
+                    x, y = dm.on_after_batch_transfer(batch, 0)[:2]
+                    feats.append(model.features(x).float())
+                    labels.append(y.reshape(-1).long().clone())
+        finally:
+            model.train(was_training)
+        z = torch.cat(feats) if feats else torch.zeros(0, model.width, device=device)
+        y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+        z = gather_eval_rows(trainer, pl_module, z)
+        y = gather_eval_rows(trainer, pl_module, y[:, None])[:, 0]
+        return z, y
+
+    # -- the votes
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        from .retrieval import exact_search, knn_vote, normalize_prefix
+
+        if self._bank is None:
+            return
+        if not isinstance(outputs, dict) or "embedding" not in outputs or "target" not in outputs:
+            raise RuntimeError(
+                "KNNMonitor needs validation_step to return a dict with the batch's 'embedding' and 'target'"
+            )
+        z, target = outputs["embedding"], outputs["target"]
+        for g, m in enumerate(self.sizes):
+            scores, idx = exact_search(normalize_prefix(z, m), self._bank[g], self.k)
+            pred = knn_vote(self._bank_labels[idx], scores, self.temperature)
+            self._counts[g] += (pred == target).sum()
+        self._counts[-1] += target.shape[0]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._counts is None:
+            return
+        counts = self._counts
+        if trainer.world_size > 1:  # every validation sample is in one rank's shard: a sum counts it once
+            counts = trainer.strategy.reduce(counts.clone(), reduce_op="sum")
+        total = counts[-1].clamp(min=1).double()
+        for g, m in enumerate(self.sizes):
+            pl_module.log(f"val/knn_top1@{m}", (counts[g].double() / total).float(), sync_dist=False)
+        self._bank = self._bank_labels = self._counts = None
+
+
 def write_adaptive_curve(curve: list[dict], result: Any, out_dir: Path, stage: str) -> tuple[Path, Path]:
     """``adaptive_{stage}_curve.csv`` (kind, expected_dims, accuracy %, thresholds) and a PNG of the
     cascade's accuracy against expected dims beside the fixed sizes, with the chosen cascade marked."""

@@ -280,8 +280,9 @@ def _verify_beton(path: str) -> dict:
 
 
 def report_parser() -> argparse.ArgumentParser:
-    p = _parser("report", "Read run folders (CSV logger versions, truncate outputs) and write top-1 vs dimensions "
-        "(PNG, log-2 axis), a Markdown and a CSV table, and the adaptive trade-off when a run has one.")
+    p = _parser("report", "Read run folders (CSV logger versions, truncate and retrieve outputs) and write top-1 vs "
+        "dimensions (PNG, log-2 axis), a Markdown and a CSV table, the adaptive trade-off when a run has one, "
+        "and the retrieval metrics of retrieve folders.")
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/quickstart/version_0")
     p.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
     p.add_argument("--title", default="", help="figure and table title")
@@ -295,7 +296,10 @@ def report(args: Sequence[str]) -> dict:
     a = report_parser().parse_args(list(args))
     with _user_errors("report"):
         written = write_report(a.runs, a.out, title=a.title)
-    print(written["md"].read_text(), end="")
+    if "md" in written:
+        print(written["md"].read_text(), end="")
+    if "retrieval_md" in written:
+        print(written["retrieval_md"].read_text(), end="")
     if "adaptive_md" in written:
         print("\nadaptive classification\n\n" + written["adaptive_md"].read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in written.values()))
@@ -365,7 +369,19 @@ def convert_reference(args: Sequence[str]) -> str:
     return str(out)
 
 
-COMMANDS = {"prepare": prepare, "report": report, "truncate": truncate, "convert-reference": convert_reference}
+def _command(module: str):
+    """A command whose implementation (parser included) lives in ``mrl_vision.<module>.main``,
+    imported only when the command runs."""
+    def run(args: Sequence[str]):
+        from importlib import import_module
+
+        return import_module(f"mrl_vision.{module}").main(list(args))
+
+    return run
+
+
+COMMANDS = {"prepare": prepare, "report": report, "truncate": truncate, "convert-reference": convert_reference,
+            "embed": _command("embeddings"), "export": _command("export"), "retrieve": _command("retrieve")}
 
 
 USAGE = """usage: mrl-vision COMMAND [options]    (mrl-vision COMMAND --help for a command's options)
@@ -378,6 +394,9 @@ training and evaluation (LightningCLI; default config: the quickstart digits):
 tools:
   prepare             an image folder tree -> an FFCV .beton file (+ sidecar)
   truncate            post-hoc truncation probes of a trained model at every size
+  embed               a split's full-width embeddings -> .npy shards + a JSON sidecar
+  retrieve            search and retrieval metrics at every size, adaptive and funnel retrieval
+  export              an embedder of the first m dims -> ONNX or TorchScript
   report              run folders -> accuracy-vs-dims figure and tables
   convert-reference   an official RAIVNLab/MRL checkpoint -> a saved model folder
 """

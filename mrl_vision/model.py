@@ -329,6 +329,19 @@ def _prefix_matcher(matcher: Any, prefix: str) -> Any:
 MODEL_ARGS = tuple(p for p in inspect.signature(MatryoshkaModel.__init__).parameters if p != "self")
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """``sha256:<hex>`` of a model's parameters and buffers (names, dtypes, shapes and values): equal
+    for the same weights however they were loaded, so files computed from a model can be matched."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
 def model_kwargs(hparams: dict[str, Any]) -> dict[str, Any]:
     """The :class:`MatryoshkaModel` arguments in a task's hyperparameters (any version's spelling),
     without those that fetch weights (the checkpoint has them)."""

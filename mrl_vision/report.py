@@ -1,4 +1,4 @@
-"""Accuracy-vs-dimensions tables and plots."""
+"""Accuracy-vs-dimensions tables and plots (classification and retrieval)."""
 
 from __future__ import annotations
 
@@ -298,11 +298,119 @@ def plot_adaptive(runs: list[dict], path: str | os.PathLike) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------- retrieval
+def _cost_dims(row: Mapping, num_database: int) -> float:
+    """A search's cost in dimensions: its multiply-adds per query over the database size (a full
+    search at ``m`` dims costs ``m``; a cascade, its equivalent)."""
+    return float(row["cost"]) / num_database
+
+
+def draw_retrieval(axes, rows: list[dict], cascades: list[dict], k: int, label: str = "") -> None:
+    """1-NN top-1 (``axes[0]``) and mAP@k (``axes[1]``, the usual convention) against the search cost in
+    dims (log-2 axis): the fixed sizes as a line, the adaptive and funnel cascades as points."""
+    if not rows:
+        return
+    n = float(rows[0]["cost"]) / float(rows[0]["dim"])
+    prefix = f"{label}: " if label else ""
+    for ax, metric, name in ((axes[0], "nn1_top1", "1-NN top-1"), (axes[1], f"map_at_{k}", f"mAP@{k}")):
+        line = ax.plot([r["dim"] for r in rows], [float(r[metric]) for r in rows], "o-", label=f"{prefix}fixed sizes")
+        colour = line[0].get_color()
+        for c in cascades:
+            marker = "*" if c["method"] == "adaptive" else "D"
+            ax.plot([_cost_dims(c, n)], [float(c[metric])], marker, color=colour, markersize=9 if marker == "*" else 6,
+                    linestyle="none", label=f"{prefix}{c['method']} {c['stages']}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("search cost (multiply-adds per query / database size = dims)")
+        ax.set_ylabel(f"{name} (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+
+
+def plot_retrieval(rows: list[dict], cascades: list[dict], path: str | os.PathLike, k: int = 10, title: str = "") -> None:
+    """:func:`draw_retrieval` saved as a PNG (crash-safe)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    draw_retrieval(axes, rows, cascades, k)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+def _numbers(row: Mapping[str, str]) -> dict:
+    out: dict = {}
+    for key, value in row.items():
+        try:
+            out[key] = int(value) if key == "dim" else float(value)
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
+
+
+def read_retrieval(folder: str | os.PathLike) -> dict:
+    """A ``mrl-vision retrieve`` output folder: ``{"dir", "k", "rows", "cascades", "meta"}``."""
+    d = Path(folder)
+    meta = json.loads((d / "retrieval.json").read_text()) if (d / "retrieval.json").is_file() else {}
+    rows = [_numbers(r) for r in _read_csv_rows(d / "retrieval.csv")]
+    cascades = [_numbers(r) for r in _read_csv_rows(d / "retrieval_cascades.csv")] \
+        if (d / "retrieval_cascades.csv").is_file() else []
+    k = meta.get("k") or next((int(c[len("hit_at_"):]) for c in (rows[0] if rows else {}) if c.startswith("hit_at_")), 10)
+    return {"dir": str(d), "k": int(k), "rows": rows, "cascades": cascades, "meta": meta}
+
+
+def _write_retrieval_report(folders: list[Path], out: Path, title: str) -> dict[str, Path]:
+    """The retrieval folders' per-size 1-NN top-1 and mAP@k side by side, their cascades, and one figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    results = [read_retrieval(f) for f in folders]
+    names = run_names([{"dir": r["dir"]} for r in results])
+    table: dict[int, dict] = {}
+    cascade_rows = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    for name, r in zip(names, results):
+        k = r["k"]
+        for row in r["rows"]:
+            entry = table.setdefault(row["dim"], {"dim": row["dim"]})
+            entry[f"{name} 1-NN top-1"] = row["nn1_top1"]
+            entry[f"{name} mAP@{k}"] = row[f"map_at_{k}"]
+        cascade_rows += [{"run": name, "method": c["method"], "stages": c["stages"], "1-NN top-1": c["nn1_top1"],
+                          f"mAP@{k}": c[f"map_at_{k}"], "cost ratio": c.get("cost_ratio")} for c in r["cascades"]]
+        draw_retrieval(axes, r["rows"], r["cascades"], k, label=name if len(results) > 1 else "")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, out / "retrieval.png")
+    keys = list(dict.fromkeys(key for row in table.values() for key in row))
+    rows = [{key: table[m].get(key) for key in keys} for m in sorted(table)]
+    text = "retrieval (%; mAP@k divided by min(k, relevant))\n\n" + markdown_table(rows)
+    if cascade_rows:
+        text += "\nadaptive and funnel retrieval\n\n" + markdown_table(cascade_rows)
+    atomic_write_text(out / "retrieval.md", text)
+    atomic_write_text(out / "retrieval.csv", rows_to_csv(rows))
+    return {"retrieval_png": out / "retrieval.png", "retrieval_csv": out / "retrieval.csv",
+            "retrieval_md": out / "retrieval.md"}
+
+
 def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
     """``mrl-vision report``: read the runs, write ``accuracy_vs_dims.{png,csv,md}`` and, when a run has
-    a cascade, ``adaptive.{png,csv,md}`` into ``out_dir`` (all crash-safe). Returns the written paths."""
+    a cascade, ``adaptive.{png,csv,md}`` into ``out_dir``; ``mrl-vision retrieve`` folders among them
+    give ``retrieval.{png,csv,md}`` (all crash-safe). Returns the written paths."""
     if not run_dirs:
         raise ValueError("give at least one run folder")
+    retrieval = [Path(d) for d in run_dirs if (Path(d) / "retrieval.csv").is_file()]
+    run_dirs = [d for d in run_dirs if Path(d) not in retrieval]
+    written = _write_retrieval_report(retrieval, Path(out_dir), title) if retrieval else {}
+    if not run_dirs:
+        return written
+    return {**_write_accuracy_report(run_dirs, out_dir, title), **written}
+
+
+def _write_accuracy_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
     runs = [read_run_results(d) for d in run_dirs]
     series = collect_series(runs)
     out = Path(out_dir)

@@ -100,17 +100,33 @@ class MatryoshkaClassifier(L.LightningModule):
         """Evaluation logits ``[G, N, C]`` (with ``eval_flip_tta``, of x plus its mirror image)."""
         return self.model.eval_logits(x, self.hparams.eval_flip_tta)
 
+    def eval_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [G, N, C], embedding [N, d])`` of one backbone pass: the logits of
+        :meth:`eval_logits` (computed the same way) and the pooled embedding of ``x`` itself (with
+        ``eval_flip_tta``, not of its mirror image)."""
+        n = x.shape[0]
+        flip = self.hparams.eval_flip_tta
+        z = self.model.features(torch.cat([x, x.flip(-1)]) if flip else x)
+        logits = self.model.head(z)
+        if flip:  # as MatryoshkaModel.eval_logits: the logits of the image plus those of its mirror
+            logits = logits.unflatten(1, (2, n)).sum(1)
+        return logits, z[:n]
+
     # ----------------------------------------------------------------- steps
     def _shared_step(self, batch: Any, stage: str) -> Any:
         x, y = batch[0], batch[1]
-        logits = self(x) if stage == "train" else self.eval_logits(x)
+        if stage == "train":
+            logits, z = self(x), None
+        else:
+            logits, z = self.eval_outputs(x)
         loss = self.criterion(logits, y)
         getattr(self, f"{stage}_acc").update(logits.detach(), y)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
                  prog_bar=stage == "train", batch_size=y.shape[0], sync_dist=stage != "train")
         if stage == "train":
             return loss
-        return {"loss": loss, "logits": logits.detach(), "target": y}  # for callbacks (the cascade)
+        # for callbacks: the cascade reads the logits, KNNMonitor the embedding
+        return {"loss": loss, "logits": logits.detach(), "target": y, "embedding": z.detach()}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")

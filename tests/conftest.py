@@ -40,6 +40,42 @@ def short_quickstart_fit(work: Path):
     return c
 
 
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """One short real quickstart fit shared by the test files that only read it (embed, retrieve,
+    export): ``work``, ``ckpt`` (its last.ckpt) and ``run`` (the run folder, with config.yaml)."""
+    from types import SimpleNamespace
+
+    work = tmp_path_factory.mktemp("quickstart_run")
+    c = short_quickstart_fit(work)
+    return SimpleNamespace(work=work, ckpt=c.checkpoint, run=c.checkpoint.parent.parent)
+
+
+def run_console(args: list[str], work: Path, name: str, timeout: float = 240) -> str:
+    """``python -m mrl_vision.cli ARGS`` in ``work`` (CPU only, a fresh DDP rendezvous); returns its output.
+    Fails the test on a non-zero exit or an overrun, killing the whole process group (rank 0 and the
+    ranks it launched), so a hung rank fails the test instead of hanging the suite."""
+    import os
+    import signal
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "MRL_VISION_RESUME_FROM")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    log_path = work / f"{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mrl_vision.cli", *args], cwd=work, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{name} did not finish in {timeout} s:\n{log_path.read_text()[-3000:]}")
+    out = log_path.read_text()
+    assert rc == 0, out[-5000:]
+    return out
+
+
 JPEG_CLASSES = ("cat", "dog", "fox")
 JPEG_TRAIN_PER_CLASS = 4
 JPEG_VAL_PER_CLASS = 2

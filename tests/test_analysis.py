@@ -192,7 +192,7 @@ def test_report_command(session, tmp_path, capsys):
 
 def test_committed_notebooks_carry_no_outputs():
     """A committed notebook holds outputs or execution counts (they rot and bloat diffs)."""
-    assert [p.name for p in NOTEBOOKS] == ["accuracy_vs_dims.ipynb", "adaptive_classification.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["accuracy_vs_dims.ipynb", "adaptive_classification.ipynb", "retrieval.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:
@@ -215,5 +215,7 @@ def test_notebook_executes_headless(path, session, monkeypatch):
     assert any(o.output_type == "display_data" and "image/png" in o.get("data", {}) for o in outputs)  # figures drawn
     if path.stem == "accuracy_vs_dims":
         assert "FF" in text and "top-1 % at 8" in text
+    elif path.stem == "retrieval":
+        assert "nn1_top1" in text and "adaptive" in text and "funnel" in text and "exact 96-d search" in text
     else:
         assert "cascade:" in text and "taken for" in text

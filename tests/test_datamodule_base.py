@@ -167,11 +167,14 @@ def test_quickstart_eval_dataloader_in_order(digits):
 
 @pytest.mark.parametrize("split", ["predict", "validation", ""])
 def test_eval_dataloader_unknown_split(pngs, digits, split):
-    """An unknown split is not a ValueError naming it."""
+    """An unknown split is not a ValueError naming it (eval_dataloader also reads ``predict``, dataset does not)."""
     for dm in (folders(pngs), digits):
+        if split == "predict":  # what predict_dataloader reads: here the test split
+            assert len(dm.eval_dataloader(split).dataset) == len(dm.predict_dataset())
+        else:
+            with pytest.raises(ValueError, match=f"unknown split {split!r}; choose train, val, test or predict"):
+                dm.eval_dataloader(split)
         with pytest.raises(ValueError, match=f"unknown split {split!r}; choose train, val or test"):
-            dm.eval_dataloader(split)
-        with pytest.raises(ValueError, match=f"unknown split {split!r}"):
             dm.dataset(split)
 
 
@@ -321,8 +324,7 @@ def test_ffcv_interface(betons):
     _check_norm(dm)
     dm.set_train_resolution(48)
     assert dm.image_size == 48 and dm.input_size == 24
-    with pytest.raises(ValueError, match="unknown split 'predict'"):
-        dm.eval_dataloader("predict")
+    assert len(dm.eval_dataloader("predict", batch_size=9)) == 1  # the predict file: here the val file's 9 images
     x, y = next(iter(dm.eval_dataloader("val", batch_size=9)))
     assert x.shape == (9, 3, 24, 24) and y.tolist() == [label for label in range(3) for _ in range(VAL_PER_CLASS)]
     batch = [x.clone(), y.clone()]

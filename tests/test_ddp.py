@@ -15,10 +15,6 @@ overruns, so a hung rank fails the test instead of hanging the suite.
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -26,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import QUICKSTART_CONFIG, write_jpeg_tree
+from conftest import QUICKSTART_CONFIG, run_console, write_jpeg_tree
 from mrl_vision import MatryoshkaClassifier, MatryoshkaModel
 from mrl_vision.data import ImageFolderDataModule
 
@@ -36,23 +32,8 @@ CLASSES = ("cat", "dog", "fox")
 EVAL_PER_CLASS = 7  # 21 evaluation images: odd, so 2 ranks get 11 and 10
 
 
-def _run(args: list[str], work: Path, name: str, timeout: float = 240) -> str:
-    """``python -m mrl_vision.cli ARGS`` in ``work``; returns its output, fails the test on error or overrun."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "MRL_VISION_RESUME_FROM")}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    log_path = work / f"{name}.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "mrl_vision.cli", *args], cwd=work, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # rank 0 and the rank it launched
-            proc.wait()
-            pytest.fail(f"{name} did not finish in {timeout} s:\n{log_path.read_text()[-3000:]}")
-    out = log_path.read_text()
-    assert rc == 0, out[-5000:]
-    return out
+def _run(args: list[str], work: Path, name: str, timeout: float = 300) -> str:
+    return run_console(args, work, name, timeout)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

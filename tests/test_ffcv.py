@@ -453,8 +453,20 @@ def test_eval_dataloader_reads_training_split_for_evaluation(colours):
     assert sizes == [6, 6, 3] and x1.shape == (15, 3, 24, 24)  # every sample, eval size, no drop_last
     assert torch.equal(x1, x2) and torch.equal(y1, y2)  # deterministic: no crop, flip or shuffle
     assert y1.tolist() == file_labels(colours.train)  # in file order
-    with pytest.raises(ValueError, match="unknown split 'predict'"):
-        dm.eval_dataloader("predict")
+    x3, y3, _ = collect(dm.eval_dataloader("predict"))  # what predict reads: here the val file
+    assert y3.tolist() == file_labels(colours.val) and x3.shape == (6, 3, 24, 24)
+    with pytest.raises(ValueError, match="unknown split 'validation'; choose train, val, test or predict"):
+        dm.eval_dataloader("validation")
+
+
+def test_eval_dataloader_shards_only_when_asked(colours):
+    """Under DDP eval_dataloader is sharded without shard=True, or not with it, or the evaluation hooks change."""
+    dm = make_dm(colours)
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    assert dm.eval_dataloader("val").indices.tolist() == list(range(6))
+    assert dm.eval_dataloader("val", shard=True).indices.tolist() == [1, 3, 5]  # rank 1 of 2: 1, 3, 5
+    assert dm.eval_dataloader("train", shard=True).indices.tolist() == list(range(1, 15, 2))
+    assert dm.val_dataloader().indices.tolist() == [1, 3, 5]  # as before
 
 
 def test_drop_last_drops_incomplete_training_batch(colours):

@@ -4,11 +4,11 @@ map-style data (image folders, the quickstart digits) written once."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .sampler import eval_sampler
 
@@ -30,6 +30,16 @@ def check_labels(target: torch.Tensor, num_classes: int) -> None:
             f"label {value} is outside [0, {num_classes}): the model has num_classes={num_classes} "
             "(check the dataset's labels or the model's num_classes)"
         )
+
+
+def check_subset(subset: Sequence[int], size: int, split: str) -> list[int]:
+    """``subset`` as a list of ints, each a sample index of a split of ``size`` samples; ``ValueError``
+    naming the first that is not."""
+    indices = [int(i) for i in subset]
+    bad = [i for i in indices if not 0 <= i < size]
+    if bad:
+        raise ValueError(f"subset index {bad[0]} is outside the {split} split's {size} samples")
+    return indices
 
 
 def require_at_least(minimum: int, **values: int) -> None:
@@ -106,9 +116,16 @@ class MatryoshkaDataModule(L.LightningDataModule):
     def _trainer_attached(self) -> bool:
         return getattr(self, "trainer", None) is not None
 
-    def _check_split(self, split: str) -> None:
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; choose {', '.join(self.splits[:-1])} or {self.splits[-1]}")
+    def _check_split(self, split: str, allow_predict: bool = False) -> None:
+        # ``predict`` (what predict_dataloader reads) is a split of eval_dataloader only
+        splits = (*self.splits, "predict") if allow_predict and "predict" not in self.splits else self.splits
+        if split not in splits:
+            raise ValueError(f"unknown split {split!r}; choose {', '.join(splits[:-1])} or {splits[-1]}")
+
+    def num_samples(self, split: str) -> int:
+        """How many samples ``split`` holds (``predict``: what ``predict_dataloader`` reads)."""
+        self._check_split(split, allow_predict=True)
+        return len(self.predict_dataset() if split == "predict" else self.dataset(split, evaluate=True))
 
     def predict_dataset(self) -> Dataset:
         """What ``predict`` runs on: the test split, unless a module has its own images to predict."""
@@ -155,10 +172,18 @@ class MatryoshkaDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_dataset())
 
-    def eval_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
-        """``split`` with the evaluation transforms, in order, unsharded (features for linear probes)."""
-        self._check_split(split)
-        return self._loader(self.dataset(split, evaluate=True), batch_size=batch_size, shard=False)
+    def eval_dataloader(self, split: str, batch_size: int | None = None, shard: bool = False,
+                        subset: Sequence[int] | None = None) -> DataLoader:
+        """``split`` (``train``, ``val``, ``test``, or ``predict``: what ``predict_dataloader`` reads) with
+        the evaluation transforms, in order (features for linear probes, embeddings). Unsharded unless
+        ``shard``: then, under DDP with a trainer attached, rank ``r`` of ``W`` reads samples
+        ``r, r + W, r + 2W, ...`` (unpadded). ``subset``: only these sample indices, in this order
+        (sharded the same way over the list)."""
+        self._check_split(split, allow_predict=True)
+        dataset = self.predict_dataset() if split == "predict" else self.dataset(split, evaluate=True)
+        if subset is not None:
+            dataset = Subset(dataset, check_subset(subset, len(dataset), split))
+        return self._loader(dataset, batch_size=batch_size, shard=shard)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # checks (images, labels) pairs; a batch of images alone (unlabeled predict data) passes as it is

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .base import MatryoshkaDataModule, require_at_least
+from .base import MatryoshkaDataModule, check_subset, require_at_least
 from .beton import check_beton, require_ffcv
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -168,10 +168,15 @@ class FFCVDataModule(MatryoshkaDataModule):
             self._warned_workers = True
         return max(1, min(self.hparams.num_workers, cores))
 
-    def make_loader(self, split: str, augment: bool = True, batch_size: int | None = None):
+    def make_loader(self, split: str, augment: bool = True, batch_size: int | None = None, shard: bool | None = None,
+                    subset: Sequence[int] | None = None):
         """The FFCV ``Loader`` of ``split`` (``train``, ``val``, ``test`` or ``predict``); the training
         split is augmented and shuffled unless ``augment=False`` (then read as for evaluation);
-        ``batch_size`` overrides the configured one."""
+        ``batch_size`` overrides the configured one. ``shard`` applies to loaders read as for
+        evaluation: True gives rank ``r`` of ``W`` the samples ``r, r + W, ...`` when the trainer runs
+        several processes, False the whole split on every rank, None (the evaluation hooks) shards
+        whenever the module is distributed. ``subset`` (evaluation only): read these sample indices
+        only, in this order (sharded over the list)."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
         from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -207,11 +212,18 @@ class FFCVDataModule(MatryoshkaDataModule):
         image.append(ToTorchImage(channels_last=True))
         order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}.get(hp.order, OrderOption.SEQUENTIAL)
         indices = None
+        if subset is not None:
+            if train:
+                raise ValueError("subset applies to loaders read as for evaluation (augment=False)")
+            indices = np.asarray(check_subset(subset, self.info[path]["num_samples"], split), dtype=np.int64)
+        if shard is not None and not train:
+            distributed = shard and self._trainer_attached() and self.trainer.world_size > 1
         if not train and distributed:
             # FFCV's distributed sequential order pads shards with repeated samples; a strided
             # subset per rank instead counts every sample once (rank r: r, r + W, r + 2W, ...).
             world, rank = self.trainer.world_size, self.trainer.global_rank
-            indices = np.arange(rank, self.info[path]["num_samples"], world)
+            everything = np.arange(self.info[path]["num_samples"]) if indices is None else indices
+            indices = everything[rank::world]
             distributed = False
         return (SeededLoader if train else Loader)(
             str(path),
@@ -243,10 +255,22 @@ class FFCVDataModule(MatryoshkaDataModule):
     def predict_dataloader(self):
         return self.make_loader("predict")
 
-    def eval_dataloader(self, split: str, batch_size: int | None = None):
-        """``split`` read as for evaluation (center crop, in order, unsharded): features for linear probes."""
-        self._check_split(split)
-        return self.make_loader(split, augment=False, batch_size=batch_size)
+    def num_samples(self, split: str) -> int:
+        """How many samples ``split``'s file holds (from its sidecar)."""
+        self._check_split(split, allow_predict=True)
+        path = self.paths[split]
+        if not path:
+            raise ValueError(f"no FFCV file for the {split} split: set {split}_path")
+        return int(self.info[path]["num_samples"])
+
+    def eval_dataloader(self, split: str, batch_size: int | None = None, shard: bool = False,
+                        subset: Sequence[int] | None = None):
+        """``split`` (``train``, ``val``, ``test`` or ``predict``) read as for evaluation (center crop, in
+        order): features for linear probes, embeddings. Unsharded unless ``shard`` (then strided
+        per-rank subsets under DDP, as the evaluation hooks read); ``subset``: only these sample
+        indices, in this order."""
+        self._check_split(split, allow_predict=True)
+        return self.make_loader(split, augment=False, batch_size=batch_size, shard=shard, subset=subset)
 
     # ------------------------------------------------------------------ on the device
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
