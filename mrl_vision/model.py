@@ -183,6 +183,46 @@ class MatryoshkaModel(nn.Module):
             )
         return z
 
+    @property
+    def depth(self) -> int | None:
+        """How many blocks of the embedding's width the backbone stacks (a ViT, DeiT, EVA: its
+        transformer blocks), each of whose outputs :meth:`layer_features` embeds; ``None`` for backbones
+        whose stages differ in width (CNNs) or that cannot return intermediate blocks."""
+        b = self.backbone
+        info = getattr(b, "feature_info", None)
+        if not hasattr(b, "forward_intermediates") or not hasattr(b, "blocks") or not isinstance(info, list) or not info:
+            return None
+        if {f.get("num_chs") for f in info} != {self.width} or len(info) != len(b.blocks):
+            return None
+        return len(b.blocks)
+
+    def layer_features(self, x: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Pooled embeddings ``[L, N, d]`` after each of ``layers`` (block counts, 1..``depth``, increasing;
+        default every block) from one forward pass: each block's tokens get the backbone's own final norm
+        and pooling (timm's ``forward_intermediates(norm=True)``, then ``forward_head(pre_logits=True)``),
+        so a shallow embedding is comparable with the last one, which equals :meth:`features`.
+        The ground of 2D Matryoshka (depth x width); ``ValueError`` for backbones without blocks of one width."""
+        depth = self.depth
+        if depth is None:
+            raise ValueError(f"backbone {self.backbone_name!r} has no stack of blocks of its embedding width "
+                             f"({self.width}) to embed after each block: layer_features needs a transformer such "
+                             "as a ViT, DeiT or EVA (CNN stages differ in width)")
+        layers = list(range(1, depth + 1)) if layers is None else list(layers)
+        bad = [n for n in layers if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= depth]
+        if bad or not layers or any(a >= b for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"layers must be increasing block counts in [1, {depth}] (the depth of "
+                             f"{self.backbone_name!r}), got {layers}")
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        outputs = self.backbone.forward_intermediates(x, indices=[n - 1 for n in layers], norm=True, output_fmt="NLC",
+                                                      intermediates_only=True, return_prefix_tokens=True)
+        pooled = []
+        for item in outputs:
+            tokens, prefix = item if isinstance(item, tuple) else (item, None)
+            sequence = tokens if prefix is None or prefix.shape[1] == 0 else torch.cat([prefix, tokens], 1)
+            pooled.append(self.backbone.forward_head(sequence, pre_logits=True))
+        return torch.stack(pooled)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every size ``[G, N, C]``; a model without a head returns the embedding ``[N, d]``."""
         z = self.features(x)

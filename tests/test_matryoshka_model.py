@@ -221,3 +221,41 @@ def test_fit_refuses_a_saved_model_folder(fitted, run_dir):
     saved = task.model.save_pretrained(run_dir / "saved")
     with pytest.raises(SystemExit, match="resumes from a Lightning checkpoint"):
         cli(["fit", *BASE, "--ckpt_path", str(saved)])
+
+
+# ----------------------------------------------------------------------------- embeddings after each block
+@pytest.mark.parametrize("backbone", ["test_vit", "deit_tiny_patch16_224"])
+def test_layer_features_last_block_is_the_embedding(backbone):
+    """The pooled embedding after the last block differs from features(x), a subset of blocks from the
+    matching rows of every block, or a shallow block's embedding is not pooled like the last one."""
+    torch.manual_seed(0)
+    model = MatryoshkaModel(backbone, num_classes=3, input_size=32).eval()
+    depth = model.depth
+    assert depth == len(model.backbone.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        every = model.layer_features(x)
+        some = model.layer_features(x, [2, depth])
+        z = model.features(x)
+        # by hand: run the first two blocks, the final norm, then the model's pooling of its prefix token
+        b = model.backbone
+        tokens = b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
+        tokens = b.blocks[1](b.blocks[0](tokens))
+        shallow = b.forward_head(b.norm(tokens), pre_logits=True)
+    assert every.shape == (depth, 2, model.width)
+    torch.testing.assert_close(every[-1], z, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(some, every[[1, depth - 1]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(every[1], shallow, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(every[0], every[-1])
+
+
+def test_layer_features_refuses_cnns_and_bad_layers():
+    """A CNN (stages of other widths) is embedded per block, or bad block counts pass unnamed."""
+    cnn = MatryoshkaModel("test_resnet", num_classes=3)
+    assert cnn.depth is None
+    with pytest.raises(ValueError, match="test_resnet"):
+        cnn.layer_features(torch.randn(1, 3, 32, 32))
+    vit = MatryoshkaModel("test_vit", num_classes=3, input_size=32)
+    for bad in ([0], [7], [3, 2], [2, 2], [], [True]):
+        with pytest.raises(ValueError, match=r"layers must be increasing block counts in \[1, 6\]"):
+            vit.layer_features(torch.randn(1, 3, 32, 32), bad)
