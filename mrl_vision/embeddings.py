@@ -515,6 +515,8 @@ def embed_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_path", required=True, help="a checkpoint, a run folder or a saved model folder")
     p.add_argument("--split", required=True, choices=SPLITS, help="the split to embed (predict: what predict reads)")
     p.add_argument("--out", required=True, help="the folder to write (refused when it exists, unless --overwrite)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="embed after the first LAYERS blocks of a transformer backbone (MatryoshkaModel.truncate)")
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="stored dtype of the embeddings (default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (once the new folder is complete)")
     p.add_argument("--batch_size", type=_positive, default=None, help="images per batch and device (default: the data's)")
@@ -561,13 +563,16 @@ def main(args: Sequence[str]) -> dict | None:
         check_out(a.out, a.overwrite)
         find_weights(a.ckpt_path)  # a missing checkpoint fails before the data is built
         model, dm = load_run(a.ckpt_path, rest)
+        if a.layers is not None:
+            model.truncate(a.layers)
         if not hasattr(dm, "eval_dataloader"):
             raise ValueError(f"{type(dm).__name__} is not a MatryoshkaDataModule (it needs eval_dataloader(split))")
         count = split_size(dm, a.split)
         if count == 0:
             raise ValueError(f"the {a.split} split holds no images")
         meta = {
-            "model": {"backbone": model.backbone_name, "head": model.head_kind, "dims": list(model.dims),
+            "model": {"backbone": model.backbone_name, "layers": model.config["layers"], "head": model.head_kind,
+                      "dims": list(model.dims),
                       "width": model.width, "num_classes": model.num_classes,
                       "class_names": list(model.class_names or dm.class_names), "ckpt_path": str(a.ckpt_path),
                       "fingerprint": weights_fingerprint(model)},

@@ -205,6 +205,7 @@ def embedder_metadata(model: MatryoshkaModel, dim: int, normalize: bool = False,
         "kind": KIND,
         "format": format,
         "backbone": model.backbone_name,
+        "layers": model.config["layers"],
         "head": model.head_kind,
         "dims": list(model.dims),
         "width": embedding_width(model),
@@ -432,6 +433,9 @@ def parser() -> argparse.ArgumentParser:
                    help="onnx or torchscript (default: from --out's suffix, .onnx or .pt/.ts)")
     p.add_argument("--out", required=True, help="the file to write (plus a sidecar FILE.json)")
     p.add_argument("--normalize", action="store_true", help="L2-normalise each output row")
+    p.add_argument("--layers", type=int, default=None,
+                   help="keep only the first LAYERS blocks of a transformer backbone (a shallow embedder; "
+                        "MatryoshkaModel.truncate)")
     p.add_argument("--batch-size-dynamic", dest="dynamic_batch", action=argparse.BooleanOptionalAction, default=True,
                    help="a dynamic batch axis (default); --no-batch-size-dynamic fixes the batch at 1")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset version (default: the exporter's)")
@@ -478,6 +482,8 @@ def main(args: Sequence[str]) -> dict[str, Any]:
         if format == "onnx":
             require_onnx()
         model = load_model(a.ckpt_path)
+        if a.layers is not None:
+            model.truncate(a.layers)
         try:
             info = export_embedder(model, a.out, a.dim, format, a.normalize, a.opset, a.dynamic_batch, a.overwrite,
                                    extra_metadata={"source": str(a.ckpt_path)})

@@ -91,6 +91,8 @@ class MatryoshkaModel(nn.Module):
             width (for ``ff``/``ff_projection``: ``[width]``, a standard model).
         backbone_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ...).
         blurpool: the MRL/FFCV recipe's BlurPool (:mod:`mrl_vision.blurpool`) on strided convs.
+        layers: keep only the first ``layers`` blocks of a transformer backbone (a shallow model that
+            really costs ``layers / depth`` of the blocks; see :meth:`truncate`); ``None`` keeps all.
         pretrained / pretrained_file: timm weights for the backbone (see
             :func:`mrl_vision.backbones.create_backbone`); not needed to load a saved model.
         channels_last: run the backbone in channels-last memory format.
@@ -119,6 +121,7 @@ class MatryoshkaModel(nn.Module):
         dims: Sequence[int] | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         blurpool: bool = False,
+        layers: int | None = None,
         pretrained: bool = False,
         pretrained_file: str | None = None,
         channels_last: bool = False,
@@ -143,6 +146,9 @@ class MatryoshkaModel(nn.Module):
         self.backbone, self.width = create_backbone(
             backbone, pretrained=pretrained, pretrained_file=pretrained_file, input_size=input_size, **kwargs
         )
+        self._config = {"layers": None}
+        if layers is not None:
+            self.truncate(layers)
         self.head: ClassifierHead | None
         if num_classes is None:
             self.head = None
@@ -158,6 +164,7 @@ class MatryoshkaModel(nn.Module):
         self.channels_last = channels_last
         self._config = {
             "backbone": backbone, "backbone_kwargs": dict(backbone_kwargs or {}), "blurpool": bool(blurpool),
+            "layers": self._config["layers"],
             "num_classes": num_classes, "head": head, "dims": list(self.dims), "channels_last": channels_last,
             "class_names": class_names, "input_size": input_size, "mean": self.mean, "std": self.std,
         }
@@ -192,9 +199,26 @@ class MatryoshkaModel(nn.Module):
         info = getattr(b, "feature_info", None)
         if not hasattr(b, "forward_intermediates") or not hasattr(b, "blocks") or not isinstance(info, list) or not info:
             return None
-        if {f.get("num_chs") for f in info} != {self.width} or len(info) != len(b.blocks):
+        if {f.get("num_chs") for f in info} != {self.width}:  # (timm keeps feature_info when blocks are pruned)
             return None
         return len(b.blocks)
+
+    def truncate(self, layers: int) -> "MatryoshkaModel":
+        """Keep only the first ``layers`` blocks of the backbone (with its final norm, pooling and this
+        model's head), in place; returns the model. Its embedding is then what :meth:`layer_features`
+        gives after block ``layers``, at ``layers / depth`` of the blocks' cost; ``config`` records it, so
+        a saved model is rebuilt shallow. ``ValueError`` for backbones without blocks of one width."""
+        depth = self.depth
+        if depth is None:
+            raise ValueError(f"backbone {self.backbone_name!r} has no stack of blocks of one width to truncate "
+                             "(a ViT, DeiT or EVA has; CNN stages differ in width)")
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= depth:
+            raise ValueError(f"layers must be a block count in [1, {depth}] (the depth of {self.backbone_name!r}), "
+                             f"got {layers!r}")
+        if layers < depth:
+            self.backbone.prune_intermediate_layers(indices=[layers - 1], prune_norm=False, prune_head=False)
+        self._config["layers"] = layers
+        return self
 
     def layer_features(self, x: torch.Tensor, layers: Sequence[int] | None = None) -> torch.Tensor:
         """Pooled embeddings ``[L, N, d]`` after each of ``layers`` (block counts, 1..``depth``, increasing;

@@ -21,9 +21,9 @@ RESUME_ENV = "MRL_VISION_RESUME_FROM"
 
 # The hyperparameters that decide the network's shape: a checkpoint that differs in one of them is
 # another model (its weights would not load, or would mean something else).
-ARCHITECTURE_KEYS = ("backbone", "backbone_kwargs", "blurpool", "head", "dims", "num_classes")
-_DEFAULTS = {"backbone": "resnet18", "backbone_kwargs": {}, "blurpool": False, "head": "mrl", "dims": None,
-             "num_classes": None}  # MatryoshkaModel's defaults
+ARCHITECTURE_KEYS = ("backbone", "backbone_kwargs", "blurpool", "layers", "head", "dims", "num_classes")
+_DEFAULTS = {"backbone": "resnet18", "backbone_kwargs": {}, "blurpool": False, "layers": None, "head": "mrl",
+             "dims": None, "num_classes": None}  # MatryoshkaModel's defaults
 
 
 def check_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from typing import Sequence
 from .files import atomic_write_text
 
 # What must agree between the database's and the queries' embedding folders.
-SAME_MODEL_KEYS = ("backbone", "head", "dims", "width", "fingerprint")
+SAME_MODEL_KEYS = ("backbone", "layers", "head", "dims", "width", "fingerprint")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -124,7 +124,7 @@ def test_embed_round_trip_quickstart(quick, tmp_path, capsys):
     assert torch.equal(y, labels) and torch.equal(y, dm.dataset("test").labels)
     # the sidecar
     assert info["format"] == FORMAT and info["version"] == 1
-    assert info["model"] == {"backbone": "test_resnet", "head": "mrl", "dims": [8, 16, 32, 64, 96], "width": 96,
+    assert info["model"] == {"backbone": "test_resnet", "layers": None, "head": "mrl", "dims": [8, 16, 32, 64, 96], "width": 96,
                              "num_classes": 10, "class_names": [str(d) for d in range(10)], "ckpt_path": str(quick.run),
                              "fingerprint": weights_fingerprint(model)}
     assert info["sizes"] == [8, 16, 32, 64, 96] and info["count"] == 500 and info["width"] == 96
@@ -430,3 +430,22 @@ def test_two_process_embed_equals_one_process(folders, good, tmp_path):
     torch.testing.assert_close(z2, z1, rtol=0, atol=1e-5)
     assert torch.equal(y2, y1)
     assert leftovers(tmp_path) == []
+
+
+def test_embed_after_the_first_blocks_of_a_vit(tmp_path):
+    """`embed --layers k` of a ViT stores other embeddings than its k-th block's (layer_features), or records
+    a full-depth model."""
+    from mrl_vision.data import QuickstartDataModule
+
+    torch.manual_seed(0)
+    model = MatryoshkaModel("test_vit", num_classes=10, input_size=32, class_names=[str(d) for d in range(10)])
+    saved = model.save_pretrained(tmp_path / "vit")
+    info = embed("--ckpt_path", str(saved), "--config", str(QUICKSTART_CONFIG), "--model.backbone", "test_vit",
+                 "--split", "val", "--layers", "2", "--out", str(tmp_path / "emb"), "--accelerator", "cpu")
+    assert info["model"]["layers"] == 2 and info["width"] == 64
+    z, _ = load_embeddings(tmp_path / "emb")
+    dm = QuickstartDataModule(batch_size=250, image_size=32)
+    dm.setup("validate")
+    with torch.no_grad():
+        direct = torch.cat([model.eval().layer_features(x, [2])[0] for x, _ in dm.eval_dataloader("val")])
+    torch.testing.assert_close(z, direct, rtol=1e-5, atol=1e-5)

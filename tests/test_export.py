@@ -274,3 +274,17 @@ def test_embedder_module_and_export_embedder(tmp_path):
     assert 0 <= info["max_abs_diff"] <= info["tolerance"]
     with pytest.raises(FileExistsError):
         export_embedder(model, tmp_path / "e.pt", 8, format="torchscript")
+
+
+def test_torchscript_of_the_first_blocks_of_a_vit(tmp_path):
+    """`export --layers k` of a ViT computes other than its k-th block's embedding, or records full depth."""
+    torch.manual_seed(0)
+    model = MatryoshkaModel("test_vit", num_classes=3, input_size=32, mean=[0.5] * 3, std=[0.25] * 3).eval()
+    folder = model.save_pretrained(tmp_path / "vit")
+    out = tmp_path / "shallow.pt"
+    _run_cli(["--ckpt_path", str(folder), "--dim", "32", "--layers", "2", "--format", "torchscript", "--out", str(out)])
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.layer_features(x, [2])[0][:, :32]
+    torch.testing.assert_close(torch.jit.load(str(out))(x), expected, atol=1e-4, rtol=0)
+    assert json.loads(out.with_name(out.name + ".json").read_text())["layers"] == 2

@@ -259,3 +259,30 @@ def test_layer_features_refuses_cnns_and_bad_layers():
     for bad in ([0], [7], [3, 2], [2, 2], [], [True]):
         with pytest.raises(ValueError, match=r"layers must be increasing block counts in \[1, 6\]"):
             vit.layer_features(torch.randn(1, 3, 32, 32), bad)
+
+
+def test_truncate_keeps_the_first_blocks_and_saves_shallow(tmp_path):
+    """A model cut to k blocks embeds otherwise than its k-th block did, still runs the dropped blocks,
+    or comes back from save_pretrained at full depth."""
+    torch.manual_seed(0)
+    model = MatryoshkaModel("test_vit", num_classes=3, input_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        after_two = model.layer_features(x, [2])[0]
+        logits_two = model.head(after_two)
+    assert model.truncate(2) is model and model.depth == 2 and len(model.backbone.blocks) == 2
+    assert model.config["layers"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), after_two, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x), logits_two, atol=1e-5, rtol=1e-5)
+    again = MatryoshkaModel.from_pretrained(model.save_pretrained(tmp_path / "shallow")).eval()
+    assert again.depth == 2 and again.config["layers"] == 2
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), logits_two, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)
+    built = MatryoshkaModel("test_vit", num_classes=3, input_size=32, layers=2)
+    assert built.depth == 2 and built.config["layers"] == 2
+    with pytest.raises(ValueError, match=r"block count in \[1, 2\].*got 3"):
+        model.truncate(3)
+    with pytest.raises(ValueError, match="test_resnet"):
+        MatryoshkaModel("test_resnet", num_classes=3, layers=2)
