@@ -343,7 +343,8 @@ class KNNMonitor(L.Callback):
     ``bank_size`` samples of the training split spread evenly over it (sample ``i * N // bank_size``:
     every class of a split stored class by class), read with the evaluation transform through the
     data module's ``eval_dataloader("train", subset=...)``; under DDP each rank reads its unpadded
-    share of them and the shares are gathered in order, so every rank holds the same bank. Each validation image's pooled embedding (what
+    share of them and the shares are gathered in order, so every rank holds the same bank. Each
+    validation image's pooled embedding (what
     ``validation_step`` returns under ``embedding``; the image itself, not its mirror, under flip TTA)
     is compared with the bank at each size: the first ``m`` dimensions, L2-normalised, cosine
     similarity (:func:`mrl_vision.retrieval.normalize_prefix`, :func:`~mrl_vision.retrieval.exact_search`);
@@ -356,7 +357,7 @@ class KNNMonitor(L.Callback):
         k: neighbours that vote.
         dims: the sizes to monitor, each in ``[1, width]`` (default: the model's ``dims``).
         every_n_epochs: during ``fit``, run at the validations of every n-th epoch (``validate`` always runs).
-        temperature: ``None``: majority vote (a tie goes to the smallest class index); a float ``T > 0``:
+        temperature: ``None``: majority vote (a tie goes to the label of the nearer neighbour); a float ``T > 0``:
             DINO's weighted vote, each neighbour weighing ``exp(similarity / T)`` (DINO uses 0.07).
 
     Example (YAML)::

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import io
 import json
 import os
@@ -34,7 +33,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from .files import atomic_path, atomic_write_text
+from .files import atomic_path, atomic_write_text, file_checksum
 from .model import MatryoshkaModel
 
 FORMATS = ("onnx", "torchscript")
@@ -345,14 +344,6 @@ def check_export(run: Callable[[torch.Tensor], torch.Tensor], model: MatryoshkaM
     return {"max_abs_diff": diff, "tolerance": tolerance, "checked_batch_sizes": list(batch_sizes)}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_embedder(model: MatryoshkaModel, path: str | os.PathLike, dim: int, format: str = "onnx",
                     normalize: bool = False, opset: int | None = None, dynamic_batch: bool = True,
                     overwrite: bool = False, extra_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -409,7 +400,7 @@ def export_embedder(model: MatryoshkaModel, path: str | os.PathLike, dim: int, f
             result = check_export(run, target, dim, normalize, shape, batch_sizes)
             del run  # closes the session / module on the temporary file before it is renamed
             info = {**metadata, **result, "check_runtime": runtime, "file": path.name,
-                    "file_size": tmp.stat().st_size, "sha256": _sha256(tmp)}
+                    "file_size": tmp.stat().st_size, "sha256": file_checksum(tmp, "sha256").split(":", 1)[1]}
             atomic_write_text(sidecar_path(path), json.dumps(info, indent=2) + "\n")
     finally:
         model.train(was_training)

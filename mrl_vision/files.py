@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +40,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def file_checksum(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """``"ALGORITHM:HEXDIGEST"`` of the whole file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return f"{algorithm}:{h.hexdigest()}"

@@ -254,10 +254,18 @@ class MatryoshkaModel(nn.Module):
 
     def eval_logits(self, x: torch.Tensor, flip_tta: bool = False) -> torch.Tensor:
         """Logits ``[G, N, C]``; with ``flip_tta`` those of ``x`` plus those of its mirror image."""
-        self._require_head("eval_logits")
-        if not flip_tta:
-            return self(x)
-        return self(torch.cat([x, x.flip(-1)])).unflatten(1, (2, x.shape[0])).sum(1)
+        return self.eval_outputs(x, flip_tta)[0]
+
+    def eval_outputs(self, x: torch.Tensor, flip_tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [G, N, C], embedding [N, d])`` of one backbone pass: the logits of :meth:`eval_logits`
+        and the pooled embedding of ``x`` itself (with ``flip_tta``, not of its mirror image)."""
+        head = self._require_head("eval_logits")
+        n = x.shape[0]
+        z = self.features(torch.cat([x, x.flip(-1)]) if flip_tta else x)
+        logits = head(z)
+        if flip_tta:
+            logits = logits.unflatten(1, (2, n)).sum(1)
+        return logits, z[:n]
 
     @inference
     def embed(self, x: torch.Tensor, dim: int | None = None, normalize: bool = False) -> torch.Tensor:

@@ -82,13 +82,14 @@ def _save(fig, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def _figure():
+def _figure(panels: int = 1):
+    """``(fig, ax)`` of one panel, or ``(fig, axes)`` of ``panels`` side by side (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    return plt.subplots(1, panels, figsize=(6.4 if panels == 1 else 5 * panels, 4.2), dpi=120)
 
 
 def plot_accuracy(curves: Mapping[str, list[dict]], path: str | os.PathLike, metric: str = "top1", title: str = "") -> None:
@@ -326,17 +327,18 @@ def draw_retrieval(axes, rows: list[dict], cascades: list[dict], k: int, label: 
         ax.legend(fontsize=6)
 
 
-def plot_retrieval(rows: list[dict], cascades: list[dict], path: str | os.PathLike, k: int = 10, title: str = "") -> None:
-    """:func:`draw_retrieval` saved as a PNG (crash-safe)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
-    draw_retrieval(axes, rows, cascades, k)
+def _retrieval_figure(title: str = ""):
+    """A figure with the two panels of :func:`draw_retrieval`: ``(fig, axes)``."""
+    fig, axes = _figure(2)
     if title:
         fig.suptitle(title, fontsize=9)
+    return fig, axes
+
+
+def plot_retrieval(rows: list[dict], cascades: list[dict], path: str | os.PathLike, k: int = 10, title: str = "") -> None:
+    """:func:`draw_retrieval` saved as a PNG (crash-safe)."""
+    fig, axes = _retrieval_figure(title)
+    draw_retrieval(axes, rows, cascades, k)
     _save(fig, path)
 
 
@@ -363,16 +365,11 @@ def read_retrieval(folder: str | os.PathLike) -> dict:
 
 def _write_retrieval_report(folders: list[Path], out: Path, title: str) -> dict[str, Path]:
     """The retrieval folders' per-size 1-NN top-1 and mAP@k side by side, their cascades, and one figure."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     results = [read_retrieval(f) for f in folders]
     names = run_names([{"dir": r["dir"]} for r in results])
     table: dict[int, dict] = {}
     cascade_rows = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
+    fig, axes = _retrieval_figure(title)
     for name, r in zip(names, results):
         k = r["k"]
         for row in r["rows"]:
@@ -382,8 +379,6 @@ def _write_retrieval_report(folders: list[Path], out: Path, title: str) -> dict[
         cascade_rows += [{"run": name, "method": c["method"], "stages": c["stages"], "1-NN top-1": c["nn1_top1"],
                           f"mAP@{k}": c[f"map_at_{k}"], "cost ratio": c.get("cost_ratio")} for c in r["cascades"]]
         draw_retrieval(axes, r["rows"], r["cascades"], k, label=name if len(results) > 1 else "")
-    if title:
-        fig.suptitle(title, fontsize=9)
     _save(fig, out / "retrieval.png")
     keys = list(dict.fromkeys(key for row in table.values() for key in row))
     rows = [{key: table[m].get(key) for key in keys} for m in sorted(table)]

@@ -302,15 +302,24 @@ def build_index(
 
 
 # ----------------------------------------------------------------------------- searches
-def search(database: torch.Tensor, queries: torch.Tensor, dim: int, k: int, index: str = "exact",
+def search(database: torch.Tensor, queries: torch.Tensor, dim: int, k: int, index: str | SearchIndex = "exact",
            **index_options) -> torch.Tensor:
-    """Indices ``[Q, k]`` of the ``k`` nearest database rows at prefix ``dim`` (normalised prefixes), best first."""
+    """Indices ``[Q, k]`` of the ``k`` nearest database rows at prefix ``dim`` (normalised prefixes), best first.
+
+    ``index``: a kind (:data:`INDEX_KINDS`; the index is built here) or a :class:`SearchIndex` already
+    built over this database's ``dim``-prefixes (reused, e.g. by several cascades starting at ``dim``)."""
     num_database, width = _check_pair(database, queries)
     _check_dim(dim, width)
     _check_k(k, num_database)
-    _check_kind(index)
-    _check_index_options(index_options)
-    built = build_index(normalize_prefix(database, dim), index, **index_options)
+    if isinstance(index, SearchIndex):
+        if (index.dim, index.ntotal) != (dim, num_database):
+            raise ValueError(f"the index holds {index.ntotal} vectors of {index.dim} dims, not the database's "
+                             f"{num_database} at {dim}")
+        built = index
+    else:
+        _check_kind(index)
+        _check_index_options(index_options)
+        built = build_index(normalize_prefix(database, dim), index, **index_options)
     return built.search(normalize_prefix(queries, dim), k)[1]
 
 
@@ -346,8 +355,9 @@ def rerank(database: torch.Tensor, queries: torch.Tensor, candidates: torch.Tens
 
 
 def adaptive_search(database: torch.Tensor, queries: torch.Tensor, shortlist_dim: int, shortlist: int,
-                    rerank_dim: int, k: int, index: str = "exact", **index_options) -> torch.Tensor:
-    """Shortlist ``shortlist`` rows at ``shortlist_dim`` dims (from ``index``), re-rank exactly at ``rerank_dim``.
+                    rerank_dim: int, k: int, index: str | SearchIndex = "exact", **index_options) -> torch.Tensor:
+    """Shortlist ``shortlist`` rows at ``shortlist_dim`` dims (from ``index``, as :func:`search` takes it),
+    re-rank exactly at ``rerank_dim``.
 
     Returns ``[Q, k]`` database indices, best first.
     """
@@ -363,7 +373,7 @@ def adaptive_search(database: torch.Tensor, queries: torch.Tensor, shortlist_dim
 
 
 def funnel_search(database: torch.Tensor, queries: torch.Tensor, stages: Sequence[tuple[int, int]],
-                  k: int | None = None, index: str = "exact", **index_options) -> torch.Tensor:
+                  k: int | None = None, index: str | SearchIndex = "exact", **index_options) -> torch.Tensor:
     """Funnel retrieval over ``stages [(dim, keep), ...]``; ``[Q, k]`` (``k`` defaults to the last keep).
 
     Stage 1 searches the database (through ``index``) at its dim for its keep; each later stage
@@ -584,20 +594,32 @@ def evaluate_retrieval(
         return retrieval_metrics(neighbor_labels, query_labels, database_labels, k)
 
     full_cost = search_cost(num_database, [(width, k)])
+    cascades = [("adaptive", [(sd, sl), (rd, k)]) for sd, sl, rd in adaptive_specs]
+    cascades += [("funnel", stages) for stages in funnels]
+    # one index per dim: built once, shared by the fixed-size search and the cascades starting there
+    starts = {stages[0][0] for _, stages in cascades}
+    built: dict[int, SearchIndex] = {}
+
+    def index_at(m: int) -> SearchIndex:
+        if m in built:
+            return built[m]
+        new = build_index(normalize_prefix(database, m), index, **index_options)
+        if m in starts:
+            built[m] = new
+        return new
+
     rows = []
     for m in dims:
-        indices = search(database, queries, m, k, index, **index_options)
+        indices = search(database, queries, m, k, index_at(m))
         rows.append({"dim": m, **metrics(indices), "cost": search_cost(num_database, [(m, k)]), "index": index})
 
     cascade_rows = []
-    cascades = [("adaptive", [(sd, sl), (rd, k)]) for sd, sl, rd in adaptive_specs]
-    cascades += [("funnel", stages) for stages in funnels]
     for method, stages in cascades:
         if method == "adaptive":
             (sd, sl), (rd, _) = stages
-            indices = adaptive_search(database, queries, sd, sl, rd, k, index, **index_options)
+            indices = adaptive_search(database, queries, sd, sl, rd, k, index_at(sd))
         else:
-            indices = funnel_search(database, queries, stages, k, index, **index_options)
+            indices = funnel_search(database, queries, stages, k, index_at(stages[0][0]))
         cost = search_cost(num_database, stages)
         cascade_rows.append({
             "method": method, "stages": _stages_text(stages), "dim": stages[-1][0], **metrics(indices),

@@ -101,16 +101,8 @@ class MatryoshkaClassifier(L.LightningModule):
         return self.model.eval_logits(x, self.hparams.eval_flip_tta)
 
     def eval_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits [G, N, C], embedding [N, d])`` of one backbone pass: the logits of
-        :meth:`eval_logits` (computed the same way) and the pooled embedding of ``x`` itself (with
-        ``eval_flip_tta``, not of its mirror image)."""
-        n = x.shape[0]
-        flip = self.hparams.eval_flip_tta
-        z = self.model.features(torch.cat([x, x.flip(-1)]) if flip else x)
-        logits = self.model.head(z)
-        if flip:  # as MatryoshkaModel.eval_logits: the logits of the image plus those of its mirror
-            logits = logits.unflatten(1, (2, n)).sum(1)
-        return logits, z[:n]
+        """``(logits [G, N, C], embedding [N, d])`` of one backbone pass (:meth:`MatryoshkaModel.eval_outputs`)."""
+        return self.model.eval_outputs(x, self.hparams.eval_flip_tta)
 
     # ----------------------------------------------------------------- steps
     def _shared_step(self, batch: Any, stage: str) -> Any:

@@ -35,7 +35,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..files import atomic_write_text
+from ..files import atomic_write_text, file_checksum
 
 SIDECAR_FORMAT = "mrl-vision-beton"
 SIDECAR_KEYS = ("format", "num_samples", "classes", "file_size", "fields")
@@ -400,7 +400,7 @@ def write_beton(
             "classes": list(dataset.classes),
             "fields": ["image", "label"],
             "file_size": tmp.stat().st_size,
-            "checksum": file_checksum(tmp),
+            "checksum": file_checksum(tmp, CHECKSUM),
             "source": os.path.basename(os.path.normpath(source)) if source != "quickstart" else "quickstart",
             "split": split if source == "quickstart" else None,
             "write_options": options,
@@ -429,17 +429,6 @@ def free_shared_memory(writer: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- checking
-def file_checksum(path: str | os.PathLike, algorithm: str = CHECKSUM) -> str:
-    """``"ALGORITHM:HEXDIGEST"`` of the whole file, read in 1 MiB blocks."""
-    h = hashlib.new(algorithm)
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return f"{algorithm}:{h.hexdigest()}"
-
-
 def check_beton(
     path: str | os.PathLike, num_classes: int | None = None, verify_checksum: bool | None = None
 ) -> dict[str, Any]:
