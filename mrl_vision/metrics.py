@@ -18,7 +18,8 @@ class MatryoshkaAccuracy(Metric):
     """Top-k accuracy for every size.
 
     Args:
-        dims: the sizes, in the order of the logits' first axis.
+        dims: the sizes, in the order of the logits' first axis (or names of the rows: the 2D grid's
+            ``L6/64`` gives ``top1@L6/64``).
         num_classes: C; a k above C is dropped (top-5 of a 3-class problem is meaningless).
         top_k: the k values to track.
 
@@ -37,7 +38,7 @@ class MatryoshkaAccuracy(Metric):
     correct: torch.Tensor
     total: torch.Tensor
 
-    def __init__(self, dims: Sequence[int], num_classes: int, top_k: Sequence[int] = (1, 5), **kwargs) -> None:
+    def __init__(self, dims: Sequence[int | str], num_classes: int, top_k: Sequence[int] = (1, 5), **kwargs) -> None:
         super().__init__(**kwargs)
         self.dims = list(dims)
         self.num_classes = num_classes

@@ -247,6 +247,25 @@ class MatryoshkaModel(nn.Module):
             pooled.append(self.backbone.forward_head(sequence, pre_logits=True))
         return torch.stack(pooled)
 
+    def layer_outputs(self, x: torch.Tensor, layers: Sequence[int], flip_tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [K, G, N, C], embeddings [K, N, d])`` after each of the K blocks in ``layers``, from one
+        forward pass (:meth:`layer_features`), the head scoring every (block, size); with ``flip_tta`` the
+        logits of ``x`` plus those of its mirror image (the embeddings are of ``x`` itself)."""
+        head = self._require_head("layer_outputs")
+        n = x.shape[0]
+        z = self.layer_features(torch.cat([x, x.flip(-1)]) if flip_tta else x, layers)  # [K, N', d]
+        k = z.shape[0]
+        logits = head(z.flatten(0, 1)).unflatten(1, (k, -1)).transpose(0, 1)  # [K, G, N', C]
+        if flip_tta:
+            logits = logits.unflatten(2, (2, n)).sum(2)
+        return logits, z[:, :n]
+
+    def _features_at(self, x: torch.Tensor, layers: int | None) -> torch.Tensor:
+        """The pooled embedding after ``layers`` blocks (``None``: all the model has)."""
+        if layers is None or layers == self.depth:
+            return self.features(x)
+        return self.layer_features(x, [layers])[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every size ``[G, N, C]``; a model without a head returns the embedding ``[N, d]``."""
         z = self.features(x)
@@ -268,24 +287,26 @@ class MatryoshkaModel(nn.Module):
         return logits, z[:n]
 
     @inference
-    def embed(self, x: torch.Tensor, dim: int | None = None, normalize: bool = False) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, dim: int | None = None, normalize: bool = False, layers: int | None = None) -> torch.Tensor:
         """The embedding at size ``dim`` (one of ``dims``; default the largest): ``[N, dim]``, in eval
-        mode without autograd (as :meth:`predict` and :meth:`predict_adaptive`).
+        mode without autograd (as :meth:`predict` and :meth:`predict_adaptive`); with ``layers=k``, that
+        of the first k blocks (2D Matryoshka; :meth:`truncate` makes the shallow model itself).
 
         For an ``ff_projection`` head this is the learned ``m``-dimensional projection.
         """
         dim = self.dims[-1] if dim is None else dim
         if dim not in self.dims:
             raise ValueError(f"dim {dim} is not one of this model's sizes {self.dims}")
-        z = self.features(x)
+        z = self._features_at(x, layers)
         e = z[:, :dim] if self.head is None else self.head.embed(z, dim)
         return nn.functional.normalize(e, dim=-1) if normalize else e
 
     @inference
-    def predict(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-        """Class predictions ``[N]`` from size ``dim`` (default the largest; one head size only)."""
+    def predict(self, x: torch.Tensor, dim: int | None = None, layers: int | None = None) -> torch.Tensor:
+        """Class predictions ``[N]`` from size ``dim`` (default the largest; one head size only) of the
+        first ``layers`` blocks (default all)."""
         head = self._require_head("predict")
-        return head.logits_at(self.features(x), self.dims[-1] if dim is None else dim).argmax(-1)
+        return head.logits_at(self._features_at(x, layers), self.dims[-1] if dim is None else dim).argmax(-1)
 
     @inference
     def predict_adaptive(

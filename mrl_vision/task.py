@@ -14,6 +14,7 @@ import lightning as L
 import torch
 
 from .losses import MatryoshkaLoss
+from .matryoshka2d import Matryoshka2d, Matryoshka2dLoss, grid_key, resolve_eval_layers
 from .metrics import MatryoshkaAccuracy
 from .model import MatryoshkaModel, model_state, upgrade_config
 from .optim import build_optimizer, lr_factor
@@ -40,6 +41,12 @@ class MatryoshkaClassifier(L.LightningModule):
         eval_flip_tta: horizontal-flip test-time augmentation in validation, test and predict.
         adaptive_predict: ``predict`` runs the confidence cascade with the fitted thresholds.
         top_k: the k of the per-size top-k accuracies.
+        matryoshka_2d: 2D Matryoshka training (:class:`mrl_vision.matryoshka2d.Matryoshka2d`: earlier
+            blocks of a transformer trained to embed too, so the model can stop early); ``{}`` for the
+            defaults, ``None`` (default) for 1D MRL. Needs a backbone with blocks of one width (ViT, DeiT, EVA).
+        eval_layers: the blocks of the (block, size) evaluation grid: validation and test log
+            ``top1@L{k}/{m}`` for each earlier block k (the last block is ``top1@{m}``); default every
+            block with ``matryoshka_2d``, none otherwise.
 
     Example::
 
@@ -64,9 +71,15 @@ class MatryoshkaClassifier(L.LightningModule):
         eval_flip_tta: bool = False,
         adaptive_predict: bool = False,
         top_k: list[int] = [1, 5],  # noqa: B006 (jsonargparse shows list defaults)
+        matryoshka_2d: Matryoshka2d | None = None,
+        eval_layers: list[int] | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
+        matryoshka_2d = Matryoshka2d.from_any(matryoshka_2d)  # (a mapping when loaded from a checkpoint)
+        if matryoshka_2d is not None and matryoshka_2d.seed is None:
+            matryoshka_2d.seed = int(torch.initial_seed()) % (2**31)  # recorded: a resumed run draws the same blocks
+        matryoshka_2d = None if matryoshka_2d is None else matryoshka_2d.as_dict()  # plain data in hparams
         for key in ("mean", "std"):  # lists, as in the data modules' hyperparameters (Lightning compares them)
             if model_kwargs.get(key) is not None:
                 model_kwargs[key] = [float(v) for v in model_kwargs[key]]
@@ -91,6 +104,21 @@ class MatryoshkaClassifier(L.LightningModule):
         self.train_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
         self.val_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
         self.test_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
+        self.layer_loss: Matryoshka2dLoss | None = None
+        self.eval_layers: list[int] | None = None
+        if matryoshka_2d is not None or eval_layers is not None:
+            depth = self.model.depth
+            if depth is None or not hasattr(self.model.backbone, "forward_intermediates"):
+                raise ValueError(
+                    f"2D Matryoshka and eval_layers need a backbone with forward_intermediates and blocks of one "
+                    f"width (a ViT, DeiT or EVA); {self.model.backbone_name!r} has none (CNN stages differ in width)")
+            if matryoshka_2d is not None:
+                self.layer_loss = Matryoshka2dLoss(self.criterion, depth, dims, matryoshka_2d)
+            self.eval_layers = resolve_eval_layers(eval_layers, depth)
+            grid = [grid_key(k, m) for k in self.eval_layers[:-1] for m in dims]
+            if grid:
+                self.val_grid_acc = MatryoshkaAccuracy(grid, num_classes, top_k)
+                self.test_grid_acc = MatryoshkaAccuracy(grid, num_classes, top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every size ``[G, N, C]``."""
@@ -105,23 +133,41 @@ class MatryoshkaClassifier(L.LightningModule):
         return self.model.eval_outputs(x, self.hparams.eval_flip_tta)
 
     # ----------------------------------------------------------------- steps
-    def _shared_step(self, batch: Any, stage: str) -> Any:
+    def _shared_step(self, batch: Any, stage: str, batch_idx: int = 0) -> Any:
         x, y = batch[0], batch[1]
-        if stage == "train":
-            logits, z = self(x), None
+        grid = None
+        if stage == "train" and self.layer_loss is not None:
+            layers = self.layer_loss.step_layers(self.current_epoch, batch_idx)
+            grid, z = self.model.layer_outputs(x, layers)
+            logits = grid[-1]
+            loss, parts = self.layer_loss(grid, z, layers, y)
+            self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, on_step=False, on_epoch=True,
+                          batch_size=y.shape[0])
+        elif stage == "train":
+            logits = self(x)
+            loss = self.criterion(logits, y)
+        elif self.eval_layers is not None:  # the (block, size) grid from one forward pass
+            grid, zs = self.model.layer_outputs(x, self.eval_layers, self.hparams.eval_flip_tta)
+            logits, z = grid[-1], zs[-1]
+            if len(self.eval_layers) > 1:
+                getattr(self, f"{stage}_grid_acc").update(grid[:-1].detach().flatten(0, 1), y)
+            loss = self.criterion(logits, y)
         else:
             logits, z = self.eval_outputs(x)
-        loss = self.criterion(logits, y)
+            loss = self.criterion(logits, y)
         getattr(self, f"{stage}_acc").update(logits.detach(), y)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
                  prog_bar=stage == "train", batch_size=y.shape[0], sync_dist=stage != "train")
         if stage == "train":
             return loss
-        # for callbacks: the cascade reads the logits, KNNMonitor the embedding
-        return {"loss": loss, "logits": logits.detach(), "target": y, "embedding": z.detach()}
+        # for callbacks: the cascade reads the logits, KNNMonitor the embedding, the 2D cascade the grid
+        out = {"loss": loss, "logits": logits.detach(), "target": y, "embedding": z.detach()}
+        if grid is not None:
+            out["layer_logits"] = grid.detach()  # [K, G, N, C] over eval_layers
+        return out
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train", batch_idx)
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "val")
@@ -145,10 +191,13 @@ class MatryoshkaClassifier(L.LightningModule):
         return out
 
     def _log_accuracy(self, stage: str) -> None:
-        metric: MatryoshkaAccuracy = getattr(self, f"{stage}_acc")
-        if metric.update_called:
-            self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()})  # synced across ranks
-        metric.reset()
+        for name in (f"{stage}_acc", f"{stage}_grid_acc"):
+            metric: MatryoshkaAccuracy | None = getattr(self, name, None)
+            if metric is None:
+                continue
+            if metric.update_called:
+                self.log_dict({f"{stage}/{k}": v for k, v in metric.compute().items()})  # synced across ranks
+            metric.reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_accuracy("train")
@@ -156,6 +205,8 @@ class MatryoshkaClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             self.val_acc.reset()
+            if hasattr(self, "val_grid_acc"):
+                self.val_grid_acc.reset()
         else:
             self._log_accuracy("val")
 
