@@ -94,14 +94,17 @@ class PredictionWriter(BasePredictionWriter):
 class AccuracyReport(L.Callback):
     """The per-size accuracy table: printed, and written as ``{stage}_accuracy.csv`` and ``.png``
     (log-2 axis) into the run's log directory through :mod:`mrl_vision.report`, at the end of ``fit``
-    (the last validation) and of ``test``.
+    (the last validation) and of ``test``. A 2D Matryoshka task (``eval_layers`` of several blocks) also
+    gets its (block, size) grid printed and written as ``{stage}_grid.csv`` and a heatmap ``.png``.
 
     The CLI adds it when a config has none. ``rows`` keeps the last table
-    (``[{"dims", "top1", "top5"}]``, percent).
+    (``[{"dims", "top1", "top5"}]``, percent), ``grid`` the last grid (``[{"layers", "dims", "top1",
+    "top5"}]``, percent; empty without one).
     """
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
+        self.grid: list[dict] = []
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, "val")
@@ -110,16 +113,25 @@ class AccuracyReport(L.Callback):
         self._report(trainer, pl_module, "test")
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from .report import accuracy_rows, format_table, write_accuracy_report
+        from .report import accuracy_rows, format_grid, format_table, grid_rows, write_accuracy_report, write_grid_report
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
         self.rows = accuracy_rows(metrics, prefix=f"{stage}/")
+        layers = getattr(pl_module, "eval_layers", None)  # the last is the full depth
+        self.grid = grid_rows(metrics, f"{stage}/", depth=layers[-1]) if layers and len(layers) > 1 else []
         out_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
-        if trainer.is_global_zero and self.rows:
-            model = pl_module.model
-            title = f"{model.backbone_name} {model.head_kind} {'validation' if stage == 'val' else stage} accuracy"
-            rank_zero_info("\n" + format_table(self.rows, title))
-            csv_path, png_path = write_accuracy_report(self.rows, out_dir, stem=f"{stage}_accuracy", title=title)
+        if not trainer.is_global_zero or not (self.rows or self.grid):
+            return
+        model = pl_module.model
+        name = f"{model.backbone_name} {model.head_kind} {'validation' if stage == 'val' else stage}"
+        if self.rows:
+            rank_zero_info("\n" + format_table(self.rows, f"{name} accuracy"))
+            csv_path, png_path = write_accuracy_report(self.rows, out_dir, stem=f"{stage}_accuracy", title=f"{name} accuracy")
+            rank_zero_info(f"wrote {csv_path} and {png_path}")
+        if self.grid:
+            title = f"{name} top-1 accuracy (%) by blocks x dims"
+            rank_zero_info("\n" + format_grid(self.grid, title))
+            csv_path, png_path = write_grid_report(self.grid, out_dir, stem=f"{stage}_grid", title=title)
             rank_zero_info(f"wrote {csv_path} and {png_path}")
 
 
@@ -528,3 +540,176 @@ def write_adaptive_curve(curve: list[dict], result: Any, out_dir: Path, stage: s
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return csv_path, png_path
+
+
+class DepthWidthCascade(L.Callback):
+    """Fit and evaluate the 2D cascade (:mod:`mrl_vision.cascade2d`: early exit over (block, size)
+    points ordered by FLOPs) at the end of validation and test, for a task with ``eval_layers`` (or
+    ``matryoshka_2d``), whose evaluation steps return ``layer_logits [K, G, N, C]``; for other tasks it
+    does nothing.
+
+    Validation: the evaluated set (gathered across DDP ranks) is split, seeded, into a calibration
+    part (``calibration_fraction``), where the chain (default: the Pareto front of the fixed points
+    there) and its thresholds are fitted with ``method``, and the rest, where the cascade, the fixed
+    points and the curve's family are evaluated. Test: the chain and thresholds fitted on validation
+    (in this run, or restored from the checkpoint: they are in this callback's ``state_dict``) are
+    evaluated on the whole test set; without them (or when the grid of blocks and sizes differs), the
+    test set is split as in validation. Costs are FLOPs per image (:class:`~mrl_vision.cascade2d.CostGrid`,
+    counted once on the evaluated image size; doubled under ``eval_flip_tta``). Logs
+    ``adaptive2d/top1``, ``adaptive2d/expected_gflops`` and ``adaptive2d/flops_fraction`` (of the last
+    block at the largest size); rank 0 writes ``adaptive2d_{stage}_curve.csv`` and ``.png`` into the
+    log directory. ``result`` keeps the last :class:`~mrl_vision.cascade2d.Cascade2dResult` (as a dict).
+
+    Args:
+        method: ``tolerance`` (the cheapest cascade within ``tolerance`` of the chain's last, most
+            accurate point), ``budget`` (the most accurate within ``budget`` x the full model's FLOPs)
+            or ``pairwise`` (the reference's per-pair search).
+        tolerance: accuracy drop allowed, as a fraction (0.005 = half a point).
+        budget: expected FLOPs as a fraction of the full model's, in (0, 1], for ``method="budget"``.
+        calibration_fraction / seed: the calibration split.
+        chain: fixed ``[block, size]`` points to cascade through, in order (default: the Pareto front).
+        write_curve: write the trade-off CSV and PNG.
+        every_n_epochs: during ``fit``, fit at the validation of every n-th epoch and of the last one
+            (on 250 calibration images and a 4 x 6 grid, the fit and the curve take seconds each);
+            ``validate`` and ``test`` always run it.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: mrl_vision.callbacks.DepthWidthCascade
+              init_args: {method: budget, budget: 0.5}
+    """
+
+    def __init__(
+        self,
+        method: str = "tolerance",
+        tolerance: float = 0.005,
+        budget: float | None = None,
+        calibration_fraction: float = 0.5,
+        seed: int = 0,
+        chain: list[list[int]] | None = None,
+        write_curve: bool = True,
+        every_n_epochs: int = 1,
+    ) -> None:
+        from .cascade2d import check_method
+
+        check_method(method, tolerance, budget)
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        self.every_n_epochs = every_n_epochs
+        if not 0.0 < calibration_fraction < 1.0:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {calibration_fraction}")
+        if chain is not None:
+            bad = [p for p in chain if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2]
+            if isinstance(chain, (str, bytes)) or bad or len(chain) < 2:
+                raise ValueError(f"chain must list at least 2 [block, size] points, got {chain!r}")
+            chain = [[int(b), int(m)] for b, m in chain]
+        self.method, self.tolerance, self.budget, self.chain = method, tolerance, budget, chain
+        self.calibration_fraction, self.seed, self.write_curve = calibration_fraction, seed, write_curve
+        self.fitted: dict[str, Any] | None = None  # {"layers", "dims", "chain", "thresholds"} from validation
+        self.result: dict | None = None
+        self._rows: list[torch.Tensor] = []
+        self._image_size: tuple[int, int] | None = None
+        self._grid: Any = None
+
+    # -- collecting
+    def _start(self, *args: Any) -> None:
+        self._rows = []
+
+    on_validation_epoch_start = on_test_epoch_start = _start
+
+    def _collect(self, trainer: L.Trainer, outputs: Any, batch: Any) -> None:
+        from .cascade2d import grid_confidences
+
+        if trainer.sanity_checking or not isinstance(outputs, dict) or "layer_logits" not in outputs:
+            return
+        if not self._runs_now(trainer):
+            return
+        conf, preds = grid_confidences(outputs["layer_logits"])  # [K, G, N]
+        # One row per sample: K*G confidences, K*G predictions, the label (float64 holds them exactly).
+        self._rows.append(torch.cat([conf.flatten(0, 1).T.double(), preds.flatten(0, 1).T.double(),
+                                     outputs["target"].double()[:, None]], 1))
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if isinstance(x, torch.Tensor) and x.ndim == 4:
+            self._image_size = (int(x.shape[-2]), int(x.shape[-1]))
+
+    def _runs_now(self, trainer: L.Trainer) -> bool:
+        """Always outside ``fit``; in ``fit``, every ``every_n_epochs``-th epoch and the last."""
+        if trainer.state.fn != "fit":
+            return True
+        epoch = trainer.current_epoch + 1
+        return epoch % self.every_n_epochs == 0 or (trainer.max_epochs is not None and epoch >= trainer.max_epochs)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, outputs, batch)
+
+    # -- fitting
+    def _cost_grid(self, pl_module: L.LightningModule, layers: list[int]):
+        from .cascade2d import CostGrid
+
+        model = pl_module.model
+        views = 2 if pl_module.hparams.get("eval_flip_tta", False) else 1
+        size = self._image_size or model.input_size
+        key = (tuple(layers), tuple(model.dims), size, views)
+        if self._grid is None or self._grid[0] != key:
+            self._grid = (key, CostGrid.from_model(model, layers, size, views=views))
+        return self._grid[1]
+
+    def _finish(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from . import adaptive as A
+        from . import cascade2d as C
+
+        layers = getattr(pl_module, "eval_layers", None)
+        if trainer.sanity_checking or not self._rows or layers is None:
+            self._rows = []
+            return
+        model = pl_module.model
+        k, g = len(layers), len(model.dims)
+        rows = gather_eval_rows(trainer, pl_module, torch.cat(self._rows)).cpu()
+        self._rows = []
+        n = rows.shape[0]
+        conf = rows[:, : k * g].T.reshape(k, g, n).float()
+        preds = rows[:, k * g : 2 * k * g].T.reshape(k, g, n).long()
+        labels = rows[:, 2 * k * g].long()
+        grid = self._cost_grid(pl_module, list(layers))
+        cal_idx, rest_idx = A.calibration_split(n, self.calibration_fraction, self.seed)
+        fitted = self.fitted
+        if stage == "test" and fitted is not None and fitted["layers"] == list(layers) and fitted["dims"] == list(model.dims):
+            # fitted on validation: the cascade, the fixed points and the curve all on the whole test set
+            chain, thr = fitted["chain"], fitted["thresholds"]
+            eval_idx = cal_idx = rest_idx = torch.arange(n)
+        else:
+            fit = C.fit_cascade(conf[:, :, cal_idx], preds[:, :, cal_idx], labels[cal_idx], grid, method=self.method,
+                                tolerance=self.tolerance, budget=self.budget, chain=self.chain)
+            chain, thr = fit.chain, fit.thresholds
+            self.fitted = {"layers": list(layers), "dims": list(model.dims), "chain": [list(p) for p in chain],
+                           "thresholds": list(thr)}
+            eval_idx = rest_idx
+        res = C.evaluate_cascade(conf[:, :, eval_idx], preds[:, :, eval_idx], labels[eval_idx], grid, chain, thr)
+        self.result = res.as_dict()
+        pl_module.log_dict({
+            "adaptive2d/top1": res.accuracy,
+            "adaptive2d/expected_gflops": res.expected_gflops,
+            "adaptive2d/flops_fraction": res.flops_fraction,
+        })
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective under DDP: every rank asks
+        if self.write_curve and trainer.is_global_zero:
+            curve = C.tradeoff_curve(conf[:, :, cal_idx], preds[:, :, cal_idx], labels[cal_idx],
+                                     conf[:, :, rest_idx], preds[:, :, rest_idx], labels[rest_idx], grid, chain)
+            C.write_curve(curve, res, out_dir, stage)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fitted": self.fitted, "result": self.result, "method": self.method}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.fitted, self.result = state_dict.get("fitted"), state_dict.get("result")

@@ -317,6 +317,9 @@ def truncate_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-split", default="train", choices=["train", "val"], help="split the probes are fitted on")
     p.add_argument("--eval-split", default="test", choices=["val", "test"], help="split they are scored on")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the probes")
+    p.add_argument("--layers", type=int, default=None,
+                   help="cut a transformer to its first LAYERS blocks first (MatryoshkaModel.truncate): the probes "
+                        "then read the shallow model's embedding (the baseline of 2D Matryoshka)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where embeddings are computed")
     return p
 
@@ -336,10 +339,14 @@ def truncate(args: Sequence[str]) -> list[dict]:
     a, rest = truncate_parser().parse_known_args(list(args))
     with _user_errors("truncate"):
         model, dm = load_run(a.ckpt_path, rest)
+        if a.layers is not None:
+            model.truncate(a.layers)
         rows, meta = truncate_model(model, dm, a.sizes, a.fit_split, a.eval_split, a.weight_decay, a.device)
     meta["ckpt_path"] = a.ckpt_path
+    meta["layers"] = model.config["layers"]
     csv_path = write_truncation(a.out, rows, meta)
-    print(f"post-hoc truncation of {a.ckpt_path} ({model.head_kind} head at {model.dims}); probes fitted on "
+    cut = f", first {a.layers} of {model.backbone_name}'s blocks" if a.layers is not None else ""
+    print(f"post-hoc truncation of {a.ckpt_path} ({model.head_kind} head at {model.dims}{cut}); probes fitted on "
           f"{meta['num_fit']} {a.fit_split} images, top-1 % on {meta['num_eval']} {a.eval_split} images:")
     print(markdown_table(rows), end="")
     print(f"its own classifier at {model.dims[-1]} dims: {meta['own_classifier_top1']:.2f} %; wrote {csv_path}")

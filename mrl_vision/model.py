@@ -239,7 +239,8 @@ class MatryoshkaModel(nn.Module):
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         outputs = self.backbone.forward_intermediates(x, indices=[n - 1 for n in layers], norm=True, output_fmt="NLC",
-                                                      intermediates_only=True, return_prefix_tokens=True)
+                                                      intermediates_only=True, return_prefix_tokens=True,
+                                                      stop_early=True)  # no block after the deepest asked runs
         pooled = []
         for item in outputs:
             tokens, prefix = item if isinstance(item, tuple) else (item, None)

@@ -1,4 +1,5 @@
-"""Accuracy-vs-dimensions tables and plots (classification and retrieval)."""
+"""Accuracy-vs-dimensions tables and plots (classification, the 2D Matryoshka blocks x dims grid, and
+retrieval)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,154 @@ def write_accuracy_report(rows: list[dict], out_dir: str | os.PathLike, stem: st
     return csv_path, png_path
 
 
+# ----------------------------------------------------------------------------- 2D Matryoshka grid
+def _grid_cell(cell: str) -> tuple[int, int] | None:
+    """``(k, m)`` of a cell spelled ``L{k}/{m}`` (:func:`mrl_vision.matryoshka2d.grid_key`), else None."""
+    layers, _, dims = cell[1:].partition("/")
+    if cell.startswith("L") and layers.isdigit() and dims.isdigit():
+        return int(layers), int(dims)
+    return None
+
+
+def _metric_order(name: str) -> tuple[int, str]:
+    """``top1`` before ``top5`` before ``top10``."""
+    return (int(name[3:]), name) if name[3:].isdigit() else (1 << 30, name)
+
+
+def grid_rows(metrics: Mapping[str, float], prefix: str, depth: int) -> list[dict]:
+    """Turn the (block, size) grid of a 2D Matryoshka evaluation into rows sorted by (layers, dims):
+    ``{"test/top1@L6/64": 0.7, ...}`` -> ``[{"layers": 6, "dims": 64, "top1": 70.0, "top5": ...}, ...]``
+    (percent). The full-depth row (``layers == depth``) comes from the 1D keys ``{prefix}top1@{m}``.
+    Returns ``[]`` when ``metrics`` has no grid key (a run without ``eval_layers``).
+
+    Example::
+
+        grid_rows({"val/top1@L1/8": 0.5, "val/top1@8": 0.75}, "val/", depth=2)
+        # [{"layers": 1, "dims": 8, "top1": 50.0}, {"layers": 2, "dims": 8, "top1": 75.0}]
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an integer >= 1 (the model's number of blocks), got {depth!r}")
+    cells: dict[tuple[int, int], dict] = {}
+    full: dict[tuple[int, int], dict] = {}
+    for key, value in metrics.items():
+        if not key.startswith(prefix):
+            continue
+        metric, at, cell = key[len(prefix):].partition("@")
+        if not at or not metric.startswith("top"):
+            continue
+        if cell.isdigit():
+            target, where = full, (depth, int(cell))
+        elif (where := _grid_cell(cell)) is not None:
+            if where[0] >= depth:
+                raise ValueError(f"{key!r} names block {where[0]}, but the model's depth is {depth}: grid keys are "
+                                 f"the earlier blocks (the full depth is logged as {prefix}{metric}@m)")
+            target = cells
+        else:
+            continue
+        target.setdefault(where, {"layers": where[0], "dims": where[1]})[metric] = 100.0 * float(value)
+    if not cells:
+        return []
+    cells.update(full)
+    return [cells[c] for c in sorted(cells)]
+
+
+def grid_to_csv(rows: list[dict]) -> str:
+    """CSV text of grid rows: ``layers, dims, top1[, top5]`` (after a ``run`` column when rows name their run)."""
+    keys = {k for r in rows for k in r}
+    metrics = sorted(keys - {"run", "layers", "dims"}, key=_metric_order)
+    fields = ["run"] * ("run" in keys) + ["layers", "dims", *metrics]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def read_grid(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``{stage}_grid.csv`` (:func:`write_grid_report`): ``[{"layers", "dims", "top1", ...}]``."""
+    rows = []
+    for r in _read_csv_rows(Path(path)):
+        rows.append({k: (int(v) if k in ("layers", "dims") else float(v)) for k, v in r.items() if v not in ("", None)})
+    missing = [c for c in ("layers", "dims") if rows and c not in rows[0]]
+    if missing:
+        raise ValueError(f"{str(path)!r} is not a grid table: no {missing[0]!r} column")
+    return rows
+
+
+def grid_table(rows: list[dict], metric: str = "top1") -> list[dict]:
+    """The grid as a wide table: one row per block count, one column per size (``None`` where no cell),
+    ``[{"layers": 6, "8": 61.2, "16": 66.0, ...}, ...]``."""
+    sizes = sorted({r["dims"] for r in rows})
+    table: dict[int, dict] = {}
+    for r in rows:
+        table.setdefault(r["layers"], {"layers": r["layers"], **{str(m): None for m in sizes}})[str(r["dims"])] = r.get(metric)
+    return [table[k] for k in sorted(table)]
+
+
+def format_grid(rows: list[dict], title: str = "", metric: str = "top1") -> str:
+    """A fixed-width text table of the grid (rows = blocks, columns = sizes; what the callback prints)."""
+    if not rows:
+        return f"{title}\n(no grid metrics)\n"
+    table = grid_table(rows, metric)
+    sizes = [c for c in table[0] if c != "layers"]
+    lines = [title] if title else []
+    lines.append("blocks \\ dims".rjust(13) + "".join(f"{m:>8}" for m in sizes))
+    for r in table:
+        lines.append(f"{r['layers']:>13}" + "".join("       -" if r[m] is None else f"{r[m]:>8.2f}" for m in sizes))
+    return "\n".join(lines) + "\n"
+
+
+def draw_grid(ax, rows: list[dict], metric: str = "top1", title: str = ""):
+    """A heatmap of ``metric`` over (blocks, sizes) on ``ax``: blocks on the y axis (the full depth at the
+    top), sizes on the x axis, each cell annotated with its value. Returns the image (for a colour bar)."""
+    import numpy as np
+
+    table = grid_table(rows, metric)
+    sizes = [c for c in table[0] if c != "layers"] if table else []
+    values = np.array([[np.nan if r[m] is None else r[m] for m in sizes] for r in table], dtype=float).reshape(len(table), len(sizes))
+    image = ax.imshow(np.ma.masked_invalid(values), origin="lower", aspect="auto", cmap="viridis")
+    lo, hi = (np.nanmin(values), np.nanmax(values)) if np.isfinite(values).any() else (0.0, 1.0)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if np.isfinite(values[i, j]):  # dark text on the bright (high) end of viridis
+                colour = "black" if values[i, j] > (lo + hi) / 2 else "white"
+                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_xticks(range(len(sizes)))
+    ax.set_xticklabels(sizes, rotation=45)
+    ax.set_yticks(range(len(table)))
+    ax.set_yticklabels([str(r["layers"]) for r in table])
+    ax.set_xlabel("embedding dimensions")
+    ax.set_ylabel("transformer blocks")
+    if title:
+        ax.set_title(title, fontsize=9)
+    return image
+
+
+def plot_grid(panels: Mapping[str, list[dict]], path: str | os.PathLike, metric: str = "top1") -> None:
+    """One :func:`draw_grid` heatmap with its colour bar per named grid, side by side, saved as a PNG (crash-safe)."""
+    fig, axes = _figure(len(panels))
+    axes = [axes] if len(panels) == 1 else list(axes)
+    n_layers = max((len({r["layers"] for r in rows}) for rows in panels.values()), default=1)
+    n_sizes = max((len({r["dims"] for r in rows}) for rows in panels.values()), default=1)
+    fig.set_size_inches(len(panels) * max(5.0, 1.6 + 0.6 * n_sizes), max(3.6, 1.6 + 0.35 * n_layers))
+    for ax, (name, rows) in zip(axes, panels.items()):
+        image = draw_grid(ax, rows, metric, title=name)
+        fig.colorbar(image, ax=ax, label=f"{metric} accuracy (%)")
+    _save(fig, path)
+
+
+def write_grid_report(rows: list[dict], out_dir: str | os.PathLike, stem: str = "test_grid", title: str = "") -> tuple[Path, Path]:
+    """Write ``{stem}.csv`` (``layers, dims, top1[, top5]``, percent) and ``{stem}.png`` (the top-1
+    heatmap) into ``out_dir``, both crash-safe; return their paths."""
+    if not rows:
+        raise ValueError("no grid rows to write (a run evaluated at one depth has no grid)")
+    out = Path(out_dir)
+    csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
+    atomic_write_text(csv_path, grid_to_csv(rows))
+    plot_grid({title or f"top-1 accuracy (%) by blocks and dims ({stem})": rows}, png_path)
+    return csv_path, png_path
+
+
 # ----------------------------------------------------------------------------- runs -> report
 def _read_csv_rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
@@ -141,12 +290,15 @@ def last_logged(metrics_csv: Path, prefix: str) -> dict[str, float]:
 
 def read_run_results(run_dir: str | os.PathLike) -> dict:
     """One run folder (a CSV logger version folder, or a ``mrl-vision truncate`` output) as a dict:
-    ``{"dir", "label", "split", "rows": [{"dims", "top1", "top5"?}], "adaptive": {...} | None, "hparams"}``.
+    ``{"dir", "label", "split", "rows": [{"dims", "top1", "top5"?}], "adaptive": {...} | None, "hparams"}``,
+    plus ``"grid"`` and ``"grid_split"`` for a 2D Matryoshka run.
 
     Accuracies (percent) come from ``test_accuracy.csv`` when the run was tested, else the last
     ``test/`` then ``val/`` values in ``metrics.csv``. A truncation folder gives ``rows`` per probe in
     ``"series"`` instead. The adaptive cascade (``adaptive_{test,val}_curve.csv`` and the logged
-    ``adaptive/*`` values) is included when present.
+    ``adaptive/*`` values) is included when present, and so is the (block, size) grid of a 2D Matryoshka
+    run (``"grid": [{"layers", "dims", "top1", "top5"?}]`` from ``test_grid.csv``, else ``val_grid.csv``;
+    ``"grid_split"`` says which).
     """
     d = Path(run_dir)
     if not d.is_dir():
@@ -192,8 +344,13 @@ def read_run_results(run_dir: str | os.PathLike) -> dict:
                                   "expected_dims": float(row["adaptive/expected_dims"])}
             adaptive = {"split": stage, "curve": curve, "chosen": chosen or None}
             break
-    return {"dir": str(d), "label": run_label(hparams), "split": split, "rows": rows, "adaptive": adaptive,
-            "hparams": hparams}
+    result = {"dir": str(d), "label": run_label(hparams), "split": split, "rows": rows, "adaptive": adaptive,
+              "hparams": hparams}
+    for stage in ("test", "val"):
+        if (d / f"{stage}_grid.csv").is_file():
+            result.update(grid=read_grid(d / f"{stage}_grid.csv"), grid_split=stage)
+            break
+    return result
 
 
 def run_names(runs: list[dict]) -> list[str]:
@@ -393,8 +550,10 @@ def _write_retrieval_report(folders: list[Path], out: Path, title: str) -> dict[
 
 def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
     """``mrl-vision report``: read the runs, write ``accuracy_vs_dims.{png,csv,md}`` and, when a run has
-    a cascade, ``adaptive.{png,csv,md}`` into ``out_dir``; ``mrl-vision retrieve`` folders among them
-    give ``retrieval.{png,csv,md}`` (all crash-safe). Returns the written paths."""
+    a cascade, ``adaptive.{png,csv,md}`` into ``out_dir``; when a run has a 2D Matryoshka grid, its
+    blocks x dims table goes into ``accuracy_vs_dims.md`` and its heatmap into ``grid.png`` (the cells in
+    ``grid.csv``); ``mrl-vision retrieve`` folders among them give ``retrieval.{png,csv,md}`` (all
+    crash-safe). Returns the written paths."""
     if not run_dirs:
         raise ValueError("give at least one run folder")
     retrieval = [Path(d) for d in run_dirs if (Path(d) / "retrieval.csv").is_file()]
@@ -403,6 +562,29 @@ def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, 
     if not run_dirs:
         return written
     return {**_write_accuracy_report(run_dirs, out_dir, title), **written}
+
+
+def _grid_report(runs: list[dict], out: Path) -> tuple[dict[str, Path], str]:
+    """The 2D Matryoshka runs' grids: ``grid.png`` (a heatmap per run) and ``grid.csv`` (``run, layers,
+    dims, top1[, top5]``) in ``out``, and their Markdown tables (rows = blocks, columns = sizes).
+    Nothing (``({}, "")``) when no run has a grid."""
+    labels = [r["label"] for r in runs]
+    panels: dict[str, list[dict]] = {}
+    text, csv_rows = "", []
+    for run, folder in zip(runs, run_names(runs)):
+        if not run.get("grid"):
+            continue
+        name = run["label"] if labels.count(run["label"]) == 1 else f"{run['label']} ({folder})"
+        panels[f"{name} ({run['grid_split']} split)"] = run["grid"]
+        text += (f"\n{name}: top-1 accuracy (%) by transformer blocks (rows) and embedding dimensions (columns), "
+                 f"{run['grid_split']} split\n\n" + markdown_table(grid_table(run["grid"])))
+        csv_rows += [{"run": folder, **r} for r in run["grid"]]
+    if not panels:
+        return {}, ""
+    written = {"grid_png": out / "grid.png", "grid_csv": out / "grid.csv"}
+    plot_grid(panels, written["grid_png"])
+    atomic_write_text(written["grid_csv"], grid_to_csv(csv_rows))
+    return written, text
 
 
 def _write_accuracy_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, title: str = "") -> dict[str, Path]:
@@ -415,7 +597,9 @@ def _write_accuracy_report(run_dirs: list[str | os.PathLike], out_dir: str | os.
     heading = title or f"top-1 accuracy (%) vs embedding dimensions ({'/'.join(splits)} split)"
     plot_accuracy(series, written["png"], title=heading)
     atomic_write_text(written["csv"], rows_to_csv(table))
-    atomic_write_text(written["md"], f"{heading}\n\n" + markdown_table(table))
+    grids, grid_md = _grid_report(runs, out)
+    atomic_write_text(written["md"], f"{heading}\n\n" + markdown_table(table) + grid_md)
+    written.update(grids)
     adaptive_rows = []
     for run, folder in zip(runs, run_names(runs)):
         a = run.get("adaptive")

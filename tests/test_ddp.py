@@ -179,3 +179,26 @@ def test_two_process_fit_then_resume_from_last(tmp_path):
     # a third call with nothing left to train is a no-op resume from the newest last.ckpt
     out = _run(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"], tmp_path, "fit3")
     assert f"resuming from {second / 'checkpoints' / 'last.ckpt'}" in out
+
+
+# ----------------------------------------------------------------------------- 2D Matryoshka
+def test_two_process_2d_fit_and_grid_equal_one_process(eval_setup):
+    """2-process 2D Matryoshka `fit` fails, or 2-process `test` logs other (block, size) accuracies than
+    1 process on the odd-sized set."""
+    vit = ["--model.backbone", "test_vit", "--model.optimizer", "adamw", "--model.lr", "1e-3",
+           "--model.eval_layers", "[2, 4]"]
+    work = eval_setup["root"] / "fit_2d"
+    _write_config(work, "imagefolder", eval_setup, batch_size=2)
+    _run(["fit", "--config", "config.yaml", *vit, "--model.matryoshka_2d", "{}", "--trainer.max_steps", "3",
+          "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0", *_trainer_args(2, work / "runs")],
+         work, "fit")
+    (ckpt,) = (work / "runs" / "t" / "version_0" / "checkpoints").glob("*.ckpt")
+    logged = {}
+    for devices in (1, 2):
+        run = work / f"test_{devices}"
+        _run(["test", "--config", str(work / "config.yaml"), *vit, "--ckpt_path", str(ckpt),
+              *_trainer_args(devices, run)], work, f"test{devices}")
+        rows = _read_csv(run / "t" / "version_0" / "metrics.csv")
+        logged[devices] = {k: float(v) for r in rows for k, v in r.items() if k.startswith("test/top") and v}
+    assert {"test/top1@L2/8", "test/top1@L4/64", "test/top1@64"} <= set(logged[1])
+    assert logged[2] == pytest.approx(logged[1], abs=1e-7)

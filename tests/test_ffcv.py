@@ -803,3 +803,24 @@ def test_prepare_fails_clearly_on_a_truncated_source_image(background):
     assert done != "DONE none" and "green_1.jpg" in done, done  # an error naming the broken image
     out_dir = background.work / "out"
     assert not (out_dir.exists() and any(out_dir.iterdir()))  # no temporary or partial file left
+
+
+# ----------------------------------------------------------------------------- 2D Matryoshka
+def test_2d_matryoshka_trains_through_ffcv_with_the_callbacks(colours, tmp_path):
+    """2D Matryoshka (an MRL-E head) does not train from FFCV batches, or the grid, the cascade and the kNN
+    monitor do not all run beside it."""
+    from mrl_vision.callbacks import AdaptiveClassificationCallback, KNNMonitor
+
+    torch.manual_seed(0)
+    dm = make_dm(colours, eval_image_size=32)
+    model = MatryoshkaClassifier(num_classes=dm.num_classes, backbone="test_vit", head="mrl_e", input_size=32,
+                                 optimizer="adamw", lr=1e-3, matryoshka_2d={"n_layers_per_step": 2}, eval_layers=[3])
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0,
+                        callbacks=[AdaptiveClassificationCallback(), KNNMonitor(bank_size=8, k=3)])
+    trainer.fit(model, datamodule=dm)
+    logged = trainer.callback_metrics
+    assert {"val/top1@L3/8", "val/top1@L3/64", "val/top1@64", "adaptive/top1", "val/knn_top1@8",
+            "train/loss_kl"} <= set(logged)
+    assert float(logged["train/loss_prior"]) > 0
