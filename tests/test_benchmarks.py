@@ -48,3 +48,28 @@ def test_gpu_throughput_smoke(tmp_path: Path) -> None:
     table = proc.stdout.split("== Training throughput")[1]
     for size, head in rows:
         assert any(line.split()[:2] == [str(size), head] for line in table.splitlines()), (size, head)
+
+
+def test_matryoshka_2d_results_table(tmp_path: Path, capsys) -> None:
+    """The 2D results table miscomputes a mean or spread over seeds, or drops the probes or the cascade."""
+    spec = importlib.util.spec_from_file_location("m2d_results", REPO_ROOT / "benchmarks" / "matryoshka_2d_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for kind, values in (("mrl2d", (90.0, 92.0, 94.0)), ("mrl1d", (91.0, 91.0, 94.0))):
+        for seed, v in enumerate(values):
+            run = tmp_path / f"{kind}-s{seed}-test"
+            run.mkdir()
+            (run / "test_grid.csv").write_text(f"layers,dims,top1\n6,8,{v - 10}\n6,16,{v - 5}\n12,8,{v - 1}\n12,16,{v}\n")
+            (run / "metrics.csv").write_text("step,adaptive2d/top1,adaptive2d/expected_gflops,adaptive2d/flops_fraction\n"
+                                             f"0,{v / 100},0.05,0.25\n")
+    cut = tmp_path / "standard-L6"
+    cut.mkdir()
+    (cut / "truncation.csv").write_text("dims,prefix_top1,svd_top1\n8,50.0,70.0\n16,60.0,75.0\n")
+    text = mod.main([str(tmp_path), "--out", str(tmp_path / "table.md")])
+    assert "| 12 | 91.0 ± 2.0 | 92.0 ± 2.0 |" in text  # the 2D model: mean ± sample sd of 3 seeds
+    assert "| 12 | 91.0 ± 1.7 | 92.0 ± 1.7 |" in text  # 1D: 91, 91, 94
+    assert "| 6 | 50.0 / 70.0 | 60.0 / 75.0 |" in text
+    assert "difference of the means +0.00 points" in text and "| mrl2d-s1 | 92.0 | 0.0500 | 0.25 |" in text
+    assert (tmp_path / "table.md").read_text() == text
+    with pytest.raises(SystemExit):
+        mod.main([str(tmp_path / "missing")])
