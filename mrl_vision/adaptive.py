@@ -13,13 +13,17 @@ Shapes: ``G`` sizes, ``N`` samples, ``C`` classes, ``K`` candidate cascades.
 - ``fit_tolerance`` / ``fit_budget``: the cheapest cascade within a tolerance of the largest size's
   accuracy / the most accurate cascade under an expected-dimension budget, chosen from a family of
   cascades traced by coordinate descent on ``accuracy - lambda * expected_dims`` for many lambdas.
+  With ``confidence`` (e.g. 0.95), ``fit_tolerance`` asks the tolerance of a lower confidence bound
+  on the accuracy difference (``paired_lower_bound``), so that it also holds on new data.
 - ``tradeoff_curve``: the (expected dims, accuracy) frontier of that family, beside the fixed sizes.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import Sequence
 
 import torch
@@ -218,17 +222,75 @@ def pareto_front(acc: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long)
 
 
+def validate_confidence(confidence: float | None) -> float | None:
+    """``confidence`` as given when it is ``None`` or a number strictly between 0 and 1."""
+    if confidence is None:
+        return None
+    if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be a number in (0, 1), e.g. 0.95, or None; got confidence={confidence!r}")
+    return float(confidence)
+
+
+def paired_lower_bound(correct: torch.Tensor, reference: torch.Tensor, confidence: float) -> torch.Tensor:
+    """One-sided lower confidence bound on ``accuracy(correct) - accuracy(reference)`` from paired
+    samples: ``correct [..., N]``, ``reference [N]`` (bool, right or wrong per sample) -> ``[...]``
+    (a fraction; the true difference is at least this with probability about ``confidence``).
+
+    With ``d_i = correct_i - reference_i`` in {-1, 0, 1}, the bound is ``mean - z * sd / sqrt(n)``
+    (``z`` the standard normal quantile of ``confidence``) computed on the sample plus the pseudo-counts
+    of Agresti and Min (2005): half a sample added to each cell of the 2 x 2 table of (right, wrong)
+    pairs, so ``n + 2`` samples in all. Without them a set where the two never disagree would give a
+    bound of exactly 0 at any ``n`` (sd = 0: certainty from 20 samples as from 20,000); with them such
+    a set gives ``-z / (n + 2)``, a margin that shrinks with the set's size (at 2,500 samples and
+    ``confidence=0.95``: -0.066 points, so a smaller tolerance leaves only the largest size).
+    """
+    confidence = validate_confidence(confidence)
+    if confidence is None:
+        raise ValueError("paired_lower_bound needs a confidence in (0, 1), got None")
+    correct, reference = correct.bool(), reference.bool().to(correct.device)
+    n = correct.shape[-1]
+    if reference.shape != (n,):
+        raise ValueError(f"reference must be [N={n}], got {tuple(reference.shape)}")
+    wins = (correct & ~reference).sum(-1).double() + 0.5  # right where the reference is wrong
+    losses = (~correct & reference).sum(-1).double() + 0.5
+    total = n + 2.0
+    p_win, p_loss = wins / total, losses / total
+    mean = p_win - p_loss
+    var = (p_win + p_loss - mean**2) / total  # the variance of d (mean of d^2 minus mean^2), over n + 2
+    return mean - NormalDist().inv_cdf(confidence) * var.sqrt()
+
+
 def fit_tolerance(
-    conf: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, dims: Sequence[int], tolerance: float = 0.005, **family_kw
+    conf: torch.Tensor,
+    preds: torch.Tensor,
+    labels: torch.Tensor,
+    dims: Sequence[int],
+    tolerance: float = 0.005,
+    confidence: float | None = None,
+    **family_kw,
 ) -> torch.Tensor:
     """The cascade with the fewest expected dims whose accuracy on the given data is at least the
-    largest size's accuracy minus ``tolerance`` (a fraction: 0.005 = half a point)."""
+    largest size's accuracy minus ``tolerance`` (a fraction: 0.005 = half a point).
+
+    ``confidence=None``: the accuracies on the given data are compared as they are, so the chosen
+    cascade sits at the edge of the tolerance there, and new data (a test set) will often see it
+    lose more. ``confidence`` (e.g. 0.95): a cascade qualifies only when the lower confidence bound
+    of :func:`paired_lower_bound` on (cascade accuracy - largest size's accuracy), from the per-sample
+    differences on the given data, is at least ``-tolerance``: a margin for the calibration set's
+    sampling error that shrinks as it grows (about ``z * sqrt(disagreement rate / n)``). When no cascade
+    qualifies (a tolerance below what ``n`` samples can vouch for), the largest size alone (thresholds 1).
+    """
     if not math.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be finite and >= 0, got {tolerance}")
+    confidence = validate_confidence(confidence)
     fam, acc, cost, correct = scored_family(conf, preds, labels, dims, **family_kw)
-    target = float(correct[-1].double().mean()) - tolerance
-    ok = torch.nonzero(acc >= target - 1e-12).flatten()
-    if not len(ok):  # unreachable in practice: "always the largest" meets any tolerance
+    if confidence is None:
+        target = float(correct[-1].double().mean()) - tolerance
+        ok = torch.nonzero(acc >= target - 1e-12).flatten()
+    else:
+        right = correct.gather(0, exit_index(conf.float().cpu(), fam))  # [K, N]: each cascade's answers
+        ok = torch.nonzero(paired_lower_bound(right, correct[-1], confidence) >= -tolerance - 1e-12).flatten()
+    if not len(ok):  # without confidence unreachable in practice: "always the largest" meets any tolerance
         return torch.ones(len(dims) - 1)
     return fam[ok[cost[ok].argmin()]]
 
@@ -255,13 +317,17 @@ def fit_thresholds(
     method: str = "tolerance",
     tolerance: float = 0.005,
     budget: float | None = None,
+    confidence: float | None = None,
     **family_kw,
 ) -> torch.Tensor:
-    """Dispatch to ``fit_pairwise``, ``fit_tolerance`` or ``fit_budget`` by name."""
+    """Dispatch to ``fit_pairwise``, ``fit_tolerance`` or ``fit_budget`` by name (``confidence``: see
+    :func:`fit_tolerance`; the other methods do not take it)."""
+    if confidence is not None and method != "tolerance":
+        raise ValueError(f"confidence={confidence!r} applies to method='tolerance' only, not {method!r}")
     if method == "pairwise":
         return fit_pairwise(conf, preds, labels, dims)
     if method == "tolerance":
-        return fit_tolerance(conf, preds, labels, dims, tolerance, **family_kw)
+        return fit_tolerance(conf, preds, labels, dims, tolerance, confidence, **family_kw)
     if method == "budget":
         if budget is None:
             raise ValueError("method='budget' needs a budget (expected dimensions)")

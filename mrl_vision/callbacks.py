@@ -221,7 +221,11 @@ class AdaptiveClassificationCallback(L.Callback):
     the thresholds fitted on validation (in this run, or restored from the checkpoint) are evaluated
     on the whole test set, and so are the fixed sizes and the curve's family (traced on it); without
     fitted thresholds, the test set is split as in validation. Logs ``adaptive/top1``, ``adaptive/expected_dims`` and
-    ``adaptive/expected_head_cost``; rank 0 writes ``adaptive_{stage}_curve.csv`` and ``.png``
+    ``adaptive/expected_head_cost`` and, for comparing the tolerance met on each population, ``adaptive/largest_top1``
+    (the largest size on the same samples as ``adaptive/top1``) and, where thresholds are fitted,
+    ``adaptive/calibration_top1`` and ``adaptive/calibration_largest_top1`` (the fitted cascade and the
+    largest size on the calibration part): calibration, held-out validation and test side by side
+    (fractions in [0, 1]); rank 0 writes ``adaptive_{stage}_curve.csv`` and ``.png``
     (cascade trade-off beside the fixed sizes) into the log directory. The thresholds are stored
     in the model's ``adaptive_thresholds`` buffer (``task.model``), hence in every checkpoint and saved model.
 
@@ -230,6 +234,12 @@ class AdaptiveClassificationCallback(L.Callback):
             accuracy), ``budget`` (the most accurate within ``budget`` expected dims) or
             ``pairwise`` (the reference's per-pair search).
         tolerance: accuracy drop allowed, as a fraction (0.005 = half a point).
+        confidence: for ``method="tolerance"``, hold the tolerance with this confidence (e.g. 0.95):
+            a cascade qualifies only when a lower confidence bound on its accuracy difference to the
+            largest size on the calibration part (:func:`mrl_vision.adaptive.paired_lower_bound`) is
+            within ``tolerance``, a margin for that part's sampling error, so that the drop also holds on
+            test. ``None`` (the default, as before): the calibration accuracies as they are, which often
+            lose more than ``tolerance`` on test. Recommended: 0.95.
         budget: expected dimensions, for ``method="budget"``.
         calibration_fraction / seed: the calibration split.
         write_curve: write the trade-off CSV and PNG.
@@ -239,7 +249,7 @@ class AdaptiveClassificationCallback(L.Callback):
         trainer:
           callbacks:
             - class_path: mrl_vision.callbacks.AdaptiveClassificationCallback
-              init_args: {method: tolerance, tolerance: 0.005}
+              init_args: {method: tolerance, tolerance: 0.005, confidence: 0.95}
     """
 
     def __init__(
@@ -250,11 +260,15 @@ class AdaptiveClassificationCallback(L.Callback):
         calibration_fraction: float = 0.5,
         seed: int = 0,
         write_curve: bool = True,
+        confidence: float | None = None,
     ) -> None:
-        from .adaptive import METHODS
+        from .adaptive import METHODS, validate_confidence
 
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        self.confidence = validate_confidence(confidence)
+        if confidence is not None and method != "tolerance":
+            raise ValueError(f"confidence={confidence!r} applies to method='tolerance' only, not {method!r}")
         if method == "budget" and budget is None:
             raise ValueError("method='budget' needs budget (expected dimensions)")
         if not 0.0 < calibration_fraction < 1.0:
@@ -309,13 +323,19 @@ class AdaptiveClassificationCallback(L.Callback):
             # whole test set (one population per plot and table)
             thr = fitted
             eval_idx = cal_idx = rest_idx = torch.arange(labels.numel())
+            fit_logs = {}
         else:
             eval_idx = rest_idx
             thr = A.fit_thresholds(
                 conf[:, cal_idx], preds[:, cal_idx], labels[cal_idx], dims,
-                method=self.method, tolerance=self.tolerance, budget=self.budget,
+                method=self.method, tolerance=self.tolerance, budget=self.budget, confidence=self.confidence,
             )
             model.adaptive_thresholds.copy_(thr.to(model.adaptive_thresholds.device))
+            cal = A.evaluate_cascade(conf[:, cal_idx], preds[:, cal_idx], labels[cal_idx], dims, thr)
+            fit_logs = {
+                "adaptive/calibration_top1": cal.accuracy,
+                "adaptive/calibration_largest_top1": float(preds[-1, cal_idx].eq(labels[cal_idx]).double().mean()),
+            }
         res = A.evaluate_cascade(conf[:, eval_idx], preds[:, eval_idx], labels[eval_idx], dims, thr)
         self.thresholds, self.result = res.thresholds, res.as_dict()
         pl_module.log_dict(
@@ -323,6 +343,8 @@ class AdaptiveClassificationCallback(L.Callback):
                 "adaptive/top1": res.accuracy,
                 "adaptive/expected_dims": res.expected_dims,
                 "adaptive/expected_head_cost": res.expected_head_cost,
+                "adaptive/largest_top1": float(preds[-1, eval_idx].eq(labels[eval_idx]).double().mean()),
+                **fit_logs,
             }
         )
         out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir is a collective under DDP: every rank asks
@@ -340,7 +362,7 @@ class AdaptiveClassificationCallback(L.Callback):
         self._finish(trainer, pl_module, "test")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds, "result": self.result, "method": self.method}
+        return {"thresholds": self.thresholds, "result": self.result, "method": self.method, "confidence": self.confidence}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.thresholds, self.result = state_dict.get("thresholds"), state_dict.get("result")
@@ -561,8 +583,8 @@ class DepthWidthCascade(L.Callback):
     log directory. ``result`` keeps the last :class:`~mrl_vision.cascade2d.Cascade2dResult` (as a dict).
 
     Args:
-        method: ``tolerance`` (the cheapest cascade within ``tolerance`` of the chain's last, most
-            accurate point), ``budget`` (the most accurate within ``budget`` x the full model's FLOPs)
+        method: ``tolerance`` (the cheapest cascade within ``tolerance`` of the chain's last point,
+            the full model in the default chain), ``budget`` (the most accurate within ``budget`` x the full model's FLOPs)
             or ``pairwise`` (the reference's per-pair search).
         tolerance: accuracy drop allowed, as a fraction (0.005 = half a point).
         budget: expected FLOPs as a fraction of the full model's, in (0, 1], for ``method="budget"``.

@@ -219,6 +219,106 @@ def test_fit_budget_and_tolerance_reject_bad_values():
             A.fit_tolerance(conf, preds, labels, NEST3, tolerance=tol)
 
 
+
+# Data set C (sizes 8, 64): 140 "easy" samples right at both sizes and confident at size 0 (0.9), and
+# 60 "mid" samples unconfident at size 0 (0.5), where the two sizes disagree. On the calibration set the
+# small size is lucky there (right on 27 of them, the large one on 30: 1.5 points overall, within a
+# 2-point tolerance); on the "test" set drawn the same way it is right on 27 against 39 (6 points).
+def _data_c(wins: int, losses: int, both_right: int, both_wrong: int, easy: int = 140):
+    mid = wins + losses + both_right + both_wrong
+    n = easy + mid
+    conf = torch.stack([torch.cat([torch.full((easy,), 0.9), torch.full((mid,), 0.5)]), torch.full((n,), 0.5)])
+    small = torch.tensor([1] * easy + [1] * wins + [0] * losses + [1] * both_right + [0] * both_wrong).bool()
+    large = torch.tensor([1] * easy + [0] * wins + [1] * losses + [1] * both_right + [0] * both_wrong).bool()
+    labels = torch.arange(n) % 7
+    return conf, _preds_from(torch.stack([small, large]), labels), labels
+
+
+def test_confidence_margin_picks_the_safer_cascade():
+    """With confidence, fit_tolerance still takes a cascade that meets the tolerance on calibration only by
+    luck (and loses 6 points on new data), or no longer takes the one that holds there."""
+    cal, test = _data_c(12, 15, 15, 18), _data_c(8, 20, 19, 13)
+    dims, tol = [8, 64], 0.02
+    plain = A.fit_tolerance(*cal, dims, tol)
+    safe = A.fit_tolerance(*cal, dims, tol, confidence=0.95)
+    res_plain, res_safe = A.evaluate_cascade(*cal, dims, plain), A.evaluate_cascade(*cal, dims, safe)
+    assert res_plain.expected_dims == pytest.approx(8.0) and res_plain.accuracy == pytest.approx(0.835)
+    # easy samples at 8, mid ones at 64: (140 * 8 + 60 * 64) / 200, and the largest size's accuracy
+    assert res_safe.expected_dims == pytest.approx(24.8) and res_safe.accuracy == pytest.approx(0.85)
+    largest_test = float(test[1][-1].eq(test[2]).double().mean())
+    assert largest_test - A.evaluate_cascade(*test, dims, plain).accuracy == pytest.approx(0.06)  # 3x the tolerance
+    assert A.evaluate_cascade(*test, dims, safe).accuracy >= largest_test - tol
+    # the bounds behind it: the all-small cascade's (wins 12, losses 15 of 200) and the safe one's (none)
+    z = 1.6448536269514722
+    p_win, p_loss = 12.5 / 202, 15.5 / 202
+    hand = (p_win - p_loss) - z * math.sqrt((p_win + p_loss - (p_win - p_loss) ** 2) / 202)
+    small, large = cal[1].eq(cal[2])
+    assert float(A.paired_lower_bound(small, large, 0.95)) == pytest.approx(hand, rel=1e-9)
+    assert hand < -tol
+    assert float(A.paired_lower_bound(large, large, 0.95)) == pytest.approx(-z / 202, rel=1e-9)
+    via = A.fit_thresholds(*cal, dims, method="tolerance", tolerance=tol, confidence=0.95)
+    torch.testing.assert_close(via, safe)
+
+
+def test_paired_lower_bound_shrinks_with_n():
+    """The margin does not shrink as the calibration set grows, or the bound is not mean - z sd / sqrt(n)
+    on the sample plus Agresti-Min's pseudo-counts (computed here as a weighted sample)."""
+    right = torch.tensor([1, 1, 0, 1, 0, 1, 1, 0]).bool()  # d = +1, 0, -1, 0, 0, 0, +1, -1 against ref
+    ref = torch.tensor([0, 1, 1, 1, 0, 1, 0, 1]).bool()
+    z = 1.2815515655446004  # the normal quantile of 0.9
+    margins, bounds = [], []
+    for r in (1, 4, 16, 64, 256):
+        a, b = right.repeat(r), ref.repeat(r)
+        bound = float(A.paired_lower_bound(a, b, 0.9))
+        d = torch.cat([a.double() - b.double(), torch.tensor([1.0, -1.0, 0.0])])
+        w = torch.cat([torch.ones(a.numel(), dtype=torch.float64), torch.tensor([0.5, 0.5, 1.0])])
+        mean = float((w * d).sum() / w.sum())
+        sd = math.sqrt(float((w * (d - mean) ** 2).sum() / w.sum()))
+        assert bound == pytest.approx(mean - z * sd / math.sqrt(float(w.sum())), rel=1e-9, abs=1e-12), r
+        margins.append(float(a.double().mean() - b.double().mean()) - bound)
+        bounds.append(bound)
+    assert margins == sorted(margins, reverse=True) and margins[-1] < margins[0] / 10
+    assert bounds == sorted(bounds) and bounds[-1] == pytest.approx(0.0, abs=0.05)  # the true difference is 0
+    # many cascades at once: [K, N] -> [K]
+    both = A.paired_lower_bound(torch.stack([right, ref]), ref, 0.9)
+    assert both.shape == (2,) and float(both[0]) == pytest.approx(bounds[0]) and float(both[1]) == pytest.approx(-z / 10)
+
+
+def test_confidence_none_is_todays_choice():
+    """confidence=None (the default) no longer picks the cheapest family member whose plain accuracy is
+    within the tolerance, or a margin gives a cheaper cascade than none."""
+    conf, preds, labels, dims = _structured(n=200, dims=(8, 32, 96))
+    kw = {"lambdas": [0.0, 0.01, 0.1, 1.0]}  # a small family keeps this quick; the choice rule is what is tested
+    fam, acc, cost, correct = A.scored_family(conf, preds, labels, dims, **kw)
+    largest, tol = float(correct[-1].double().mean()), 0.03
+    ok = torch.nonzero(acc >= largest - tol - 1e-12).flatten()
+    expected = fam[ok[cost[ok].argmin()]]
+    plain = A.fit_tolerance(conf, preds, labels, dims, tol, **kw)
+    torch.testing.assert_close(plain, expected)
+    torch.testing.assert_close(A.fit_tolerance(conf, preds, labels, dims, tol, confidence=None, **kw), expected)
+    safe = A.fit_tolerance(conf, preds, labels, dims, tol, confidence=0.95, **kw)
+    res_plain, res_safe = (A.evaluate_cascade(conf, preds, labels, dims, t) for t in (plain, safe))
+    assert res_safe.expected_dims >= res_plain.expected_dims - 1e-9 and res_safe.accuracy >= largest - tol - 1e-12
+
+
+def test_bad_confidence_fails_naming_it():
+    """A confidence outside (0, 1), or one given to a method that does not use it, is accepted."""
+    conf, preds, labels = _data_b()
+    for bad in (0.0, 1.0, -0.5, 1.5, 95, float("nan"), True, "0.95"):
+        with pytest.raises(ValueError, match=rf"confidence must be a number in \(0, 1\).*confidence={bad!r}"):
+            A.fit_tolerance(conf, preds, labels, NEST3, 0.01, confidence=bad)
+        with pytest.raises(ValueError, match=rf"confidence={bad!r}"):
+            AdaptiveClassificationCallback(confidence=bad)
+    with pytest.raises(ValueError, match=r"confidence=0.9 applies to method='tolerance' only, not 'budget'"):
+        A.fit_thresholds(conf, preds, labels, NEST3, method="budget", budget=10.0, confidence=0.9)
+    with pytest.raises(ValueError, match=r"confidence=0.9 applies to method='tolerance' only, not 'pairwise'"):
+        AdaptiveClassificationCallback(method="pairwise", confidence=0.9)
+    with pytest.raises(ValueError, match="needs a confidence"):
+        A.paired_lower_bound(torch.ones(3).bool(), torch.ones(3).bool(), None)
+    with pytest.raises(ValueError, match=r"reference must be \[N=3\]"):
+        A.paired_lower_bound(torch.ones(3).bool(), torch.ones(4).bool(), 0.9)
+
+
 # ============================================================================= structured random data
 def _structured(n: int = 300, dims=tuple(NEST), num_classes: int = 10, seed: int = 0):
     """Seeded logits where larger sizes are more accurate and confidence tracks correctness."""
@@ -584,6 +684,11 @@ def test_callback_logs_and_matches_independent_evaluation(fitted):
     assert m["adaptive/top1"] == pytest.approx(res.accuracy, rel=1e-6)
     assert m["adaptive/expected_dims"] == pytest.approx(res.expected_dims, rel=1e-6)
     assert m["adaptive/expected_head_cost"] == pytest.approx(res.expected_head_cost, rel=1e-6)
+    # validation figures side by side: the cascade and the largest size on each half
+    res_cal = A.evaluate_cascade(conf[:, cal], preds[:, cal], labels[cal], NEST, cb.thresholds)
+    assert m["adaptive/calibration_top1"] == pytest.approx(res_cal.accuracy, rel=1e-6)
+    assert m["adaptive/calibration_largest_top1"] == pytest.approx(float(preds[-1, cal].eq(labels[cal]).double().mean()), rel=1e-6)
+    assert m["adaptive/largest_top1"] == pytest.approx(float(preds[-1, rest].eq(labels[rest]).double().mean()), rel=1e-6)
     # the budget is met on the calibration half it was fitted on
     assert A.evaluate_cascade(conf[:, cal], preds[:, cal], labels[cal], NEST, cb.thresholds).expected_dims <= BUDGET + 1e-9
     # the fixed-size rows of the curve are the evaluation half's per-size accuracies
@@ -652,17 +757,23 @@ def test_test_evaluates_validation_thresholds_on_whole_test_set(fitted, tmp_path
     assert cb.result["expected_dims"] == pytest.approx(res.expected_dims, abs=1e-9)
     assert cb.result["exit_fractions"] == pytest.approx(res.exit_fractions, abs=1e-9)
     assert float(trainer.callback_metrics["adaptive/top1"]) == pytest.approx(res.accuracy, rel=1e-6)
+    largest = float(preds[-1].eq(labels).double().mean())
+    assert float(trainer.callback_metrics["adaptive/largest_top1"]) == pytest.approx(largest, rel=1e-6)
+    assert "adaptive/calibration_top1" not in trainer.callback_metrics  # nothing fitted at test
     log_dir = Path(trainer.log_dir)
     rows = _read_csv(log_dir / "adaptive_test_curve.csv")
     assert [float(r["expected_dims"]) for r in rows if r["kind"] == "fixed"] == [float(m) for m in NEST]
     assert (log_dir / "adaptive_test_curve.png").is_file()
 
 
-def test_test_without_fitted_thresholds_splits_the_test_set(tmp_path):
-    """trainer.test without fitted thresholds does not fit on a test calibration part and score the rest."""
+@pytest.mark.parametrize("confidence", [None, 0.95])
+def test_test_without_fitted_thresholds_splits_the_test_set(tmp_path, confidence):
+    """trainer.test without fitted thresholds does not fit (with the callback's confidence) on a test
+    calibration part and score the rest, or does not log the calibration part's accuracies."""
     L.seed_everything(0)
     model = MatryoshkaClassifier(num_classes=10, backbone="test_resnet")
-    cb = AdaptiveClassificationCallback(method="tolerance", tolerance=0.05, seed=3, write_curve=False)
+    cb = AdaptiveClassificationCallback(method="tolerance", tolerance=0.05, seed=3, write_curve=False,
+                                        confidence=confidence)
     dm = QuickstartDataModule(batch_size=64)
     trainer = L.Trainer(accelerator="cpu", devices=1, limit_test_batches=2, logger=False, callbacks=[cb],
                         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False)
@@ -670,10 +781,13 @@ def test_test_without_fitted_thresholds_splits_the_test_set(tmp_path):
     assert model.model.adaptive_thresholds.tolist() == cb.thresholds
     conf, preds, labels = _eval_outputs(model, dm.test_dataloader(), 2)
     cal, rest = A.calibration_split(128, 0.5, seed=3)
-    refit = A.fit_thresholds(conf[:, cal], preds[:, cal], labels[cal], NEST, method="tolerance", tolerance=0.05)
+    refit = A.fit_thresholds(conf[:, cal], preds[:, cal], labels[cal], NEST, method="tolerance", tolerance=0.05,
+                             confidence=confidence)
     torch.testing.assert_close(torch.tensor(cb.thresholds), refit, rtol=0, atol=1e-6)
     res = A.evaluate_cascade(conf[:, rest], preds[:, rest], labels[rest], NEST, cb.thresholds)
     assert cb.result["accuracy"] == pytest.approx(res.accuracy, abs=1e-9)
+    res_cal = A.evaluate_cascade(conf[:, cal], preds[:, cal], labels[cal], NEST, cb.thresholds)
+    assert float(trainer.callback_metrics["adaptive/calibration_top1"]) == pytest.approx(res_cal.accuracy, rel=1e-6)
 
 
 # ============================================================================= the CLI

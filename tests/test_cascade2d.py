@@ -119,6 +119,14 @@ def test_pareto_chain_and_evaluation_hand_computed():
     assert (full.accuracy, full.expected_flops) == (1.0, 204)
 
 
+def test_chain_ends_at_the_full_model_even_when_a_shallow_point_wins():
+    """The default chain ends at a shallow point that beat the full model on the calibration data (by
+    chance, on a small set) instead of at the full model, the reference of the tolerance."""
+    correct = torch.tensor([[[1, 0, 0, 0], [1, 1, 1, 1]], [[1, 1, 0, 0], [1, 1, 1, 0]]], dtype=torch.bool)
+    chain = C.pareto_chain(CONF_H, _preds_from(correct, LABELS_H), LABELS_H, GRID_H)
+    assert chain == [(2, 8), (2, 16), (4, 16)]  # (2, 16) is the most accurate; the full model still ends it
+
+
 def test_single_point_front_is_followed_by_the_full_model():
     """When the cheapest point is already the most accurate, the default chain has no cascade to fit."""
     correct = torch.ones(2, 2, 4, dtype=torch.bool)
