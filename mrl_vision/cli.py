@@ -309,14 +309,18 @@ def report(args: Sequence[str]) -> dict:
 def truncate_parser() -> argparse.ArgumentParser:
     p = _parser("truncate", "Post-hoc truncation of a trained (standard) model: at each size m, a linear probe on the "
         "first m embedding dimensions and one on an SVD projection to m dimensions, fitted on the training "
-        "split and scored on the evaluation split. Other arguments (--config, --data.*) choose the data "
-        "as for fit (default: the quickstart).")
+        "split and scored on the evaluation split (beside an MRL model's own heads at each size, head_top1). "
+        "Other arguments (--config, --data.*) choose the data as for fit (default: the quickstart).")
     p.add_argument("--ckpt_path", required=True, help="the model to truncate: a checkpoint, a run folder or a saved model folder")
     p.add_argument("--out", required=True, help="output folder: truncation.csv and truncation.json")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="sizes (default 8, 16, ... the width)")
     p.add_argument("--fit-split", default="train", choices=["train", "val"], help="split the probes are fitted on")
     p.add_argument("--eval-split", default="test", choices=["val", "test"], help="split they are scored on")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 penalty of the probes")
+    p.add_argument("--weight-decay", type=float, nargs="+", default=[1e-4],
+                   help="L2 penalty of the probes; several values: each size's probes take the one most accurate on "
+                        "--select-split (reported as prefix_wd, svd_wd)")
+    p.add_argument("--select-split", default="val", choices=["train", "val", "test"],
+                   help="split the weight decay is chosen on when several are given (not the evaluation split)")
     p.add_argument("--layers", type=int, default=None,
                    help="cut a transformer to its first LAYERS blocks first (MatryoshkaModel.truncate): the probes "
                         "then read the shallow model's embedding (the baseline of 2D Matryoshka)")
@@ -341,14 +345,17 @@ def truncate(args: Sequence[str]) -> list[dict]:
         model, dm = load_run(a.ckpt_path, rest)
         if a.layers is not None:
             model.truncate(a.layers)
-        rows, meta = truncate_model(model, dm, a.sizes, a.fit_split, a.eval_split, a.weight_decay, a.device)
+        rows, meta = truncate_model(model, dm, a.sizes, fit_split=a.fit_split, eval_split=a.eval_split,
+                                    weight_decay=a.weight_decay, device=a.device, select_split=a.select_split)
     meta["ckpt_path"] = a.ckpt_path
     meta["layers"] = model.config["layers"]
     csv_path = write_truncation(a.out, rows, meta)
     cut = f", first {a.layers} of {model.backbone_name}'s blocks" if a.layers is not None else ""
     print(f"post-hoc truncation of {a.ckpt_path} ({model.head_kind} head at {model.dims}{cut}); probes fitted on "
-          f"{meta['num_fit']} {a.fit_split} images, top-1 % on {meta['num_eval']} {a.eval_split} images:")
-    print(markdown_table(rows), end="")
+          f"{meta['num_fit']} {a.fit_split} images, top-1 % on {meta['num_eval']} {a.eval_split} images"
+          + (f", weight decay chosen per size on {meta['num_select']} {a.select_split} images:" if "select_split" in meta else ":"))
+    shown = [{k: (f"{v:g}" if k.endswith("_wd") else v) for k, v in r.items()} for r in rows]  # 0.0001, not 0.00
+    print(markdown_table(shown), end="")
     print(f"its own classifier at {model.dims[-1]} dims: {meta['own_classifier_top1']:.2f} %; wrote {csv_path}")
     return rows
 

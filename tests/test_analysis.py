@@ -23,7 +23,8 @@ from mrl_vision import MatryoshkaClassifier, analysis
 from mrl_vision.cli import cli, main
 from mrl_vision.heads import FixedFeatureHead, MatryoshkaHead
 from mrl_vision.model import upgrade_config
-from mrl_vision.truncation import fit_linear_probe, probe_accuracy, svd_basis, truncation_table
+from mrl_vision.report import read_run_results
+from mrl_vision.truncation import fit_linear_probe, probe_accuracy, svd_basis, truncate_model, truncation_table
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 
@@ -99,6 +100,132 @@ def test_truncation_table_prefix_vs_svd():
         truncation_table(z[:450], y[:450], z[450:], y[450:], [0, 17], 3)
 
 
+
+def _clusters(n: int, seed: int, d: int = 12, c: int = 4, noise: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overlapping Gaussian clusters (fixed centres, seeded noise): with few training samples a probe
+    over-fits them, so the weight decay matters."""
+    centres = torch.randn(c, d, generator=torch.Generator().manual_seed(99))
+    y = torch.arange(n) % c
+    return centres[y] + noise * torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), y
+
+
+def _views(z_train: torch.Tensor, m: int) -> dict:
+    mean, basis = svd_basis(z_train)
+    return {"prefix": lambda z: z[:, :m], "svd": lambda z: (z - mean) @ basis[:, :m]}
+
+
+WDS = [0.0, 0.1, 1.0, 10.0]
+
+
+def test_weight_decay_chosen_on_the_selection_set():
+    """Several weight decays: a probe's is not the one most accurate on the selection set (first among
+    equals), or its reported accuracy is not the test accuracy of that probe."""
+    (ztr, ytr), (zse, yse), (zte, yte) = _clusters(40, 1), _clusters(200, 2), _clusters(200, 3)
+    rows = truncation_table(ztr, ytr, zte, yte, [2, 12], 4, WDS, z_select=zse, y_select=yse)
+    assert [list(r) for r in rows] == [["dims", "prefix_top1", "svd_top1", "prefix_wd", "svd_wd"]] * 2
+    chosen = set()
+    for row in rows:
+        for kind, view in _views(ztr, row["dims"]).items():
+            on_select = [probe_accuracy(view(ztr), ytr, view(zse), yse, 4, wd) for wd in WDS]
+            best = WDS[on_select.index(max(on_select))]
+            assert row[f"{kind}_wd"] == best, (row["dims"], kind, on_select)
+            assert row[f"{kind}_top1"] == pytest.approx(100 * probe_accuracy(view(ztr), ytr, view(zte), yte, 4, best))
+            chosen.add(best)
+    assert len(chosen) > 1  # the data make the choice matter: not the same value everywhere
+
+
+def test_single_weight_decay_reproduces_the_plain_table():
+    """One weight decay (a number or a one-value list, selection set or not) changes the columns or numbers."""
+    (ztr, ytr), (zse, yse), (zte, yte) = _clusters(40, 1), _clusters(200, 2), _clusters(200, 3)
+    plain = truncation_table(ztr, ytr, zte, yte, [2, 12], 4, 1e-3)
+    assert plain == truncation_table(ztr, ytr, zte, yte, [2, 12], 4, [1e-3], z_select=zse, y_select=yse)
+    for row in plain:
+        assert list(row) == ["dims", "prefix_top1", "svd_top1"]
+        for kind, view in _views(ztr, row["dims"]).items():
+            assert row[f"{kind}_top1"] == 100.0 * probe_accuracy(view(ztr), ytr, view(zte), yte, 4, 1e-3)
+
+
+@pytest.mark.parametrize("efficient", [False, True], ids=["mrl", "mrl_e"])
+def test_head_column_is_the_heads_own_accuracy(efficient, tmp_path):
+    """head_top1 is not the head's own classifier at that size (by hand), or is filled at a size it lacks."""
+    (ztr, ytr), (zte, yte) = _clusters(40, 1), _clusters(200, 3)
+    torch.manual_seed(0)
+    head = MatryoshkaHead(12, 4, [4, 8, 12], efficient=efficient)
+    rows = truncation_table(ztr, ytr, zte, yte, [2, 4, 12], 4, 1e-3, head=head)
+    assert [r["dims"] for r in rows] == [2, 4, 12] and rows[0]["head_top1"] is None
+    for row, g in ((rows[1], 0), (rows[2], 2)):
+        m = row["dims"]
+        w, b = (head.linear.weight[:, :m], head.linear.bias) if efficient else (head.linears[g].weight, head.linears[g].bias)
+        by_hand = (zte[:, :m] @ w.detach().T + b.detach()).argmax(-1).eq(yte).double().mean()
+        assert row["head_top1"] == pytest.approx(100 * float(by_hand), abs=1e-4)
+    from mrl_vision.truncation import write_truncation
+
+    written = _read_csv(write_truncation(tmp_path, rows, {"head": "mrl"}))
+    assert written[0]["head_top1"] == "" and float(written[1]["head_top1"]) == pytest.approx(rows[1]["head_top1"])
+    series = read_run_results(tmp_path)["series"]  # `mrl-vision report` still reads the probes
+    assert [r["dims"] for r in series["MRL, first m dims + linear probe"]] == [2, 4, 12]
+
+
+def test_bad_weight_decays_and_selection_split_fail_naming_them():
+    """An empty or negative weight decay, several without a selection set, or a selection split equal to
+    the evaluation (or fitting) split is accepted."""
+    (ztr, ytr), (zte, yte) = _clusters(40, 1), _clusters(200, 3)
+    with pytest.raises(ValueError, match="weight_decay is an empty list"):
+        truncation_table(ztr, ytr, zte, yte, [2], 4, [])
+    for bad in (-0.001, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"weight decays must be finite numbers >= 0, got {bad!r}"):
+            truncation_table(ztr, ytr, zte, yte, [2], 4, [1e-4, bad])
+    with pytest.raises(ValueError, match=r"2 weight decays \[0.0001, 0.01\] need a selection set"):
+        truncation_table(ztr, ytr, zte, yte, [2], 4, [1e-4, 1e-2])
+    from mrl_vision.data import QuickstartDataModule
+    from mrl_vision.model import MatryoshkaModel
+
+    model, dm = MatryoshkaModel(num_classes=10, backbone="test_resnet"), QuickstartDataModule()
+    with pytest.raises(ValueError, match="select_split='test' is the evaluation split"):
+        truncate_model(model, dm, weight_decay=[1e-4, 1e-2], select_split="test")
+    with pytest.raises(ValueError, match="select_split='train' is the split the probes are fitted on"):
+        truncate_model(model, dm, weight_decay=[1e-4, 1e-2], select_split="train")
+    with pytest.raises(ValueError, match="got -1.0"):
+        truncate_model(model, dm, weight_decay=[-1.0])
+
+
+def test_truncate_command_selects_and_reports_heads(tmp_path, monkeypatch, capsys):
+    """`mrl-vision truncate --weight-decay A B --select-split val` on an MRL model does not write the chosen
+    weight decays and the model's own heads beside the probes, or accepts selecting on the evaluation split."""
+    from mrl_vision import runs
+    from mrl_vision.data import QuickstartDataModule
+    from mrl_vision.model import MatryoshkaModel
+
+    torch.manual_seed(0)
+    model, dm = MatryoshkaModel(num_classes=10, backbone="test_resnet").eval(), QuickstartDataModule(batch_size=64)
+    read = dm.eval_dataloader
+    seen = []
+
+    def few(split, **kw):  # 63 images of each split keep this quick
+        seen.append(split)
+        return read(split, subset=range(0, 500, 8))
+
+    monkeypatch.setattr(dm, "eval_dataloader", few)
+    monkeypatch.setattr(runs, "load_run", lambda path, rest: (model, dm))
+    out = tmp_path / "t"
+    main(["truncate", "--ckpt_path", "m", "--out", str(out), "--sizes", "8", "12", "96", "--weight-decay", "1e-4", "1e-2",
+          "--device", "cpu"])
+    assert seen == ["train", "test", "val"]
+    rows = _read_csv(out / "truncation.csv")
+    assert list(rows[0]) == ["dims", "prefix_top1", "svd_top1", "head_top1", "prefix_wd", "svd_wd"]
+    assert [r["head_top1"] != "" for r in rows] == [True, False, True]  # the head has 8 and 96, not 12
+    assert all(float(r["prefix_wd"]) in (1e-4, 1e-2) and float(r["svd_wd"]) in (1e-4, 1e-2) for r in rows)
+    meta = json.loads((out / "truncation.json").read_text())
+    assert meta["weight_decay"] == [1e-4, 1e-2] and meta["select_split"] == "val" and meta["num_select"] == 63
+    printed = capsys.readouterr().out
+    assert "weight decay chosen per size on 63 val images" in printed
+    assert "| 0.0001 |" in printed or "| 0.01 |" in printed  # weight decays printed as numbers, not 0.00
+    with pytest.raises(SystemExit, match="select_split='test' is the evaluation split"):
+        main(["truncate", "--ckpt_path", "m", "--out", str(out), "--weight-decay", "1e-4", "1e-2", "--select-split", "test"])
+    with pytest.raises(SystemExit, match="weight decays must be finite numbers >= 0, got -0.1"):
+        main(["truncate", "--ckpt_path", "m", "--out", str(out), "--weight-decay", "-0.1"])
+
+
 # ----------------------------------------------------------------------------- per-sample helpers
 def test_per_class_and_misclassified_on_hand_made_logits():
     """Per-class accuracy, the most misclassified classes or the exit histogram are wrong on a hand-made case."""
@@ -156,10 +283,12 @@ def test_truncate_command_writes_probe_table(session):
     """`mrl-vision truncate` does not write one row per size with accuracies, or its metadata."""
     rows = _read_csv(session / "truncated" / "truncation.csv")
     assert [int(r["dims"]) for r in rows] == [8, 16, 96]
+    assert list(rows[0]) == ["dims", "prefix_top1", "svd_top1"]  # one weight decay, a standard model: as before
     for r in rows:
         assert 0 <= float(r["prefix_top1"]) <= 100 and 0 <= float(r["svd_top1"]) <= 100
     meta = json.loads((session / "truncated" / "truncation.json").read_text())
     assert meta["head"] == "ff" and meta["width"] == TEST_RESNET_WIDTH and meta["num_fit"] == 500 and meta["num_eval"] == 500
+    assert meta["weight_decay"] == 1e-4 and "select_split" not in meta
     # the full-width probe matches or beats chance by far on real digits, even after 6 steps
     assert float(rows[-1]["prefix_top1"]) > 30
 
