@@ -591,6 +591,9 @@ class DepthWidthCascade(L.Callback):
         calibration_fraction / seed: the calibration split.
         chain: fixed ``[block, size]`` points to cascade through, in order (default: the Pareto front).
         write_curve: write the trade-off CSV and PNG.
+        confidence: with ``tolerance``, the tolerance must hold for a one-sided lower confidence bound
+            (e.g. 0.95) on the accuracy difference, not only on the calibration set (as in
+            :class:`AdaptiveClassificationCallback`); ``None``: on the calibration set.
         every_n_epochs: during ``fit``, fit at the validation of every n-th epoch and of the last one
             (on 250 calibration images and a 4 x 6 grid, the fit and the curve take seconds each);
             ``validate`` and ``test`` always run it.
@@ -613,10 +616,15 @@ class DepthWidthCascade(L.Callback):
         chain: list[list[int]] | None = None,
         write_curve: bool = True,
         every_n_epochs: int = 1,
+        confidence: float | None = None,
     ) -> None:
+        from .adaptive import validate_confidence
         from .cascade2d import check_method
 
         check_method(method, tolerance, budget)
+        self.confidence = validate_confidence(confidence)
+        if confidence is not None and method != "tolerance":
+            raise ValueError(f"confidence applies to method='tolerance' only, got method={method!r}")
         if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
         self.every_n_epochs = every_n_epochs
@@ -706,7 +714,8 @@ class DepthWidthCascade(L.Callback):
             eval_idx = cal_idx = rest_idx = torch.arange(n)
         else:
             fit = C.fit_cascade(conf[:, :, cal_idx], preds[:, :, cal_idx], labels[cal_idx], grid, method=self.method,
-                                tolerance=self.tolerance, budget=self.budget, chain=self.chain)
+                                tolerance=self.tolerance, budget=self.budget, chain=self.chain,
+                                confidence=self.confidence)
             chain, thr = fit.chain, fit.thresholds
             self.fitted = {"layers": list(layers), "dims": list(model.dims), "chain": [list(p) for p in chain],
                            "thresholds": list(thr)}

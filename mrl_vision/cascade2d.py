@@ -328,6 +328,7 @@ def fit_cascade(
     tolerance: float = 0.005,
     budget: float | None = None,
     chain: Sequence[Sequence[int]] | None = None,
+    confidence: float | None = None,
     **family_kw,
 ) -> Cascade2dResult:
     """Fit a 2D cascade on ``conf, preds [K, G, N]``, ``labels [N]`` and return it, evaluated on the same data.
@@ -336,7 +337,9 @@ def fit_cascade(
     cascade whose accuracy is at least the last chain point's minus ``tolerance``; the last point of
     the default chain is the full model), ``budget`` (the most accurate cascade whose
     expected FLOPs are at most ``budget`` x the full model's) or ``pairwise`` (the reference's per-pair
-    search); see :func:`mrl_vision.adaptive.fit_thresholds`. ``family_kw`` (``lambdas``, ``points``,
+    search); see :func:`mrl_vision.adaptive.fit_thresholds`. ``confidence`` (``tolerance`` only, e.g.
+    0.95): the tolerance must hold for a lower confidence bound on the accuracy difference, not only on
+    the calibration data (:func:`mrl_vision.adaptive.fit_tolerance`). ``family_kw`` (``lambdas``, ``points``,
     ``sweeps``) go to :func:`mrl_vision.adaptive.cascade_family`.
     """
     check_method(method, tolerance, budget)
@@ -350,7 +353,8 @@ def fit_cascade(
             raise ValueError(f"budget {budget} of the full model's FLOPs is below the cheapest exit of the chain "
                              f"({costs[0] / grid.full_flops:.4g} of them, at {grid_key(*chain[0])})")
     c, p = chain_confidences(conf, preds, grid, chain)
-    thr = A.fit_thresholds(c, p, labels, costs, method=method, tolerance=tolerance, budget=absolute, **family_kw)
+    thr = A.fit_thresholds(c, p, labels, costs, method=method, tolerance=tolerance, budget=absolute,
+                           confidence=confidence, **family_kw)
     return evaluate_cascade(conf, preds, labels, grid, chain, thr)
 
 

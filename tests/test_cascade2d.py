@@ -386,3 +386,16 @@ def test_every_n_epochs_is_validated():
 
     with pytest.raises(ValueError, match=r"every_n_epochs must be an integer >= 1, got 0"):
         DepthWidthCascade(every_n_epochs=0)
+
+
+def test_confidence_margin_costs_at_least_as_much_and_is_validated():
+    """With a confidence bound the tolerance fit is cheaper than without (it must be safer), or a bad
+    confidence is not refused by name."""
+    conf, preds, labels, grid = _structured(seed=3)
+    plain = C.fit_cascade(conf, preds, labels, grid, tolerance=0.02, **FAMILY)
+    safe = C.fit_cascade(conf, preds, labels, grid, tolerance=0.02, confidence=0.95, **FAMILY)
+    assert safe.expected_flops >= plain.expected_flops and safe.chain == plain.chain
+    with pytest.raises(ValueError, match=r"confidence must be a number in \(0, 1\).*got confidence=1.5"):
+        DepthWidthCascade(confidence=1.5)
+    with pytest.raises(ValueError, match=r"confidence applies to method='tolerance' only, got method='budget'"):
+        DepthWidthCascade(method="budget", budget=0.5, confidence=0.9)

@@ -211,6 +211,7 @@ MODEL_CONFIGS = {
     "mrle_resnet18.yaml": (MatryoshkaHead, True, MRL_512, 512),
     "mrle_resnet50.yaml": (MatryoshkaHead, True, MRL_2048, 2048),
     "mrle_vit_small.yaml": (MatryoshkaHead, True, MRL_384, 384),
+    "mrl2d_vit_tiny.yaml": (MatryoshkaHead, False, [8, 16, 32, 64, 128, 192], 192),
 }
 
 
@@ -229,6 +230,9 @@ def test_model_configs_instantiate(name, run_dir):
     assert model.width == width and model.dims == dims
     assert getattr(model.head, "efficient", False) == efficient
     assert c.model.hparams.num_classes == model.num_classes == model.head.num_classes == 10
+    assert (c.model.layer_loss is not None) == name.startswith("mrl2d")  # 2D Matryoshka selected in the file
+    if name.startswith("mrl2d"):
+        assert c.model.eval_layers == [3, 6, 9, 12] and model.depth == 12 and model.input_size == 32
 
 
 @pytest.mark.parametrize("rel", ["data/imagefolder.yaml", "imagenet/resnet_imagefolder.yaml"])
