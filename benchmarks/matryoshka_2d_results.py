@@ -58,8 +58,8 @@ def cascades(root: Path) -> list[dict[str, str]]:
 
 
 def cascade_table(rows: list[dict]) -> str:
-    lines = ["**2D cascade** (fitted on half of the validation split within 0.5 points of its most accurate point; "
-             "test split)", "", "| run | top-1 % | GFLOPs / image | of the full model |", "|---|---|---|---|"]
+    lines = ["**2D cascade** (DepthWidthCascade as fitted at the end of training, on half of the validation split; "
+             "evaluated on the test split)", "", "| run | top-1 % | GFLOPs / image | of the full model |", "|---|---|---|---|"]
     lines += [f"| {r['run']} | {r['top1']:.1f} | {r['gflops']:.4f} | {r['fraction']:.2f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
