@@ -44,6 +44,9 @@ class MatryoshkaClassifier(L.LightningModule):
         matryoshka_2d: 2D Matryoshka training (:class:`mrl_vision.matryoshka2d.Matryoshka2d`: earlier
             blocks of a transformer trained to embed too, so the model can stop early); ``{}`` for the
             defaults, ``None`` (default) for 1D MRL. Needs a backbone with blocks of one width (ViT, DeiT, EVA).
+        freeze_backbone: train only the head on a frozen backbone (its weights, BatchNorm statistics and
+            dropout fixed: it stays in eval mode): MRL on top of an existing embedding, e.g. with
+            ``pretrained_file``; the optimizer gets only the head's parameters.
         eval_layers: the blocks of the (block, size) evaluation grid: validation and test log
             ``top1@L{k}/{m}`` for each earlier block k (the last block is ``top1@{m}``); default every
             block with ``matryoshka_2d``, none otherwise.
@@ -73,6 +76,7 @@ class MatryoshkaClassifier(L.LightningModule):
         top_k: list[int] = [1, 5],  # noqa: B006 (jsonargparse shows list defaults)
         matryoshka_2d: Matryoshka2d | None = None,
         eval_layers: list[int] | None = None,
+        freeze_backbone: bool = False,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -94,11 +98,17 @@ class MatryoshkaClassifier(L.LightningModule):
             raise ValueError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+        if freeze_backbone and layer_decay is not None:
+            raise ValueError(f"layer_decay={layer_decay} scales the LR of backbone blocks, but freeze_backbone=True "
+                             "trains only the head: drop one of them")
         lr_factor(lr_schedule, 1, 0)  # checks the schedule's name now, not at the first step
         # Checkpoints written before the rename spell dims as nesting (or ff_dim): read them as today's.
         model_kwargs = upgrade_config(model_kwargs)
         self.model = MatryoshkaModel(num_classes=num_classes, **model_kwargs)
         self.hparams["dims"] = self.model.dims  # resolved (a default of None becomes the sizes): saved
+        if freeze_backbone:
+            self.model.backbone.requires_grad_(False)
+            self.model.backbone.eval()
         dims = self.model.dims
         self.criterion = MatryoshkaLoss(len(dims), loss_weights, label_smoothing)
         self.train_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
@@ -119,6 +129,13 @@ class MatryoshkaClassifier(L.LightningModule):
             if grid:
                 self.val_grid_acc = MatryoshkaAccuracy(grid, num_classes, top_k)
                 self.test_grid_acc = MatryoshkaAccuracy(grid, num_classes, top_k)
+
+    def train(self, mode: bool = True) -> "MatryoshkaClassifier":
+        """As ``nn.Module.train``, but a frozen backbone stays in eval mode (BatchNorm statistics, no dropout)."""
+        super().train(mode)
+        if self.hparams.get("freeze_backbone", False):
+            self.model.backbone.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every size ``[G, N, C]``."""
@@ -226,7 +243,8 @@ class MatryoshkaClassifier(L.LightningModule):
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        opt = build_optimizer(self.model, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.nesterov, hp.layer_decay)
+        trained = self.model.head if hp.get("freeze_backbone", False) else self.model
+        opt = build_optimizer(trained, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.nesterov, hp.layer_decay)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(round(hp.warmup_epochs * self._optimizer_steps_per_epoch(total)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(hp.lr_schedule, total, warmup))

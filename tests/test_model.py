@@ -370,3 +370,24 @@ def test_configure_optimizers_with_max_steps_only():
 def test_configure_optimizers_when_max_steps_cuts_max_epochs():
     """warmup_epochs is not measured in real epochs when max_steps stops training early."""
     assert _fit_and_record_lr(max_epochs=4, max_steps=4) == pytest.approx(EXPECTED_LRS)
+
+
+def test_frozen_backbone_trains_only_the_head():
+    """With freeze_backbone the backbone's weights or BatchNorm statistics change in training, a frozen
+    module leaves eval mode, the optimizer holds backbone parameters, or layer_decay is accepted beside it."""
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, C, (8,), generator=gen))
+    task = _task(freeze_backbone=True, lr=0.1)
+    backbone = {k: v.clone() for k, v in task.model.backbone.state_dict().items()}
+    head = {k: v.clone() for k, v in task.model.head.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, DataLoader(data, batch_size=4))
+    assert all(torch.equal(backbone[k], v) for k, v in task.model.backbone.state_dict().items())  # BN stats too
+    assert any(not torch.equal(head[k], v) for k, v in task.model.head.state_dict().items())
+    trained = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert trained == {id(p) for p in task.model.head.parameters()}
+    task.train()
+    assert task.training and task.model.head.training and not task.model.backbone.training
+    with pytest.raises(ValueError, match=r"layer_decay=0.75 .* freeze_backbone=True trains only the head"):
+        _task(freeze_backbone=True, layer_decay=0.75)
