@@ -425,7 +425,19 @@ def main(args: Sequence[str] | None = None) -> None:
     if argv[0] in COMMANDS:
         COMMANDS[argv[0]](argv[1:])
         return
-    cli(args)
+    try:
+        cli(args)
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """End a DDP run's process group before the interpreter exits (PyTorch asks for it: left to exit,
+    gloo's threads can abort the process with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cli(args: Sequence[str] | dict | None = None, run: bool = True) -> MRLCLI:

@@ -779,6 +779,7 @@ def test_test_without_fitted_thresholds_splits_the_test_set(tmp_path, confidence
                         default_root_dir=str(tmp_path), enable_progress_bar=False, enable_model_summary=False)
     trainer.test(model, datamodule=dm, verbose=False)
     assert model.model.adaptive_thresholds.tolist() == cb.thresholds
+    assert not list(tmp_path.rglob("adaptive_*_curve.*"))  # write_curve=False writes no curve
     conf, preds, labels = _eval_outputs(model, dm.test_dataloader(), 2)
     cal, rest = A.calibration_split(128, 0.5, seed=3)
     refit = A.fit_thresholds(conf[:, cal], preds[:, cal], labels[cal], NEST, method="tolerance", tolerance=0.05,
@@ -838,9 +839,9 @@ def test_cli_predict_adaptive(fitted, run_dir, saved_flag):
 
 
 def _validate_run(ckpt: Path, work: Path, devices: int, write_curve: bool, timeout: float) -> Path:
-    """`mrl-vision validate` through the console module in a subprocess, with the callback (budget
-    method) as the only callback; returns the run's log directory. A run past ``timeout`` is killed
-    (its whole process group: both DDP ranks) and the test fails."""
+    """`mrl-vision validate` with the callback (budget method) as the only callback; returns the run's log
+    directory. With 2 devices through the console module in a subprocess: a run past ``timeout`` is killed
+    (its whole process group: both DDP ranks) and the test fails; with 1, the same CLI in this process."""
     work.mkdir(parents=True)
     extra = work / "callbacks.yaml"
     extra.write_text(yaml.safe_dump({"trainer": {"callbacks": [
@@ -849,13 +850,20 @@ def _validate_run(ckpt: Path, work: Path, devices: int, write_curve: bool, timeo
     ]}}))
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    cmd = [
-        sys.executable, "-m", "mrl_vision.cli", "validate", "--config", Q, "--config", str(extra),
+    args = [
+        "validate", "--config", Q, "--config", str(extra),
         "--model.backbone", "test_resnet", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),
         "--trainer.strategy", "ddp" if devices > 1 else "auto", "--ckpt_path", str(ckpt),
         "--data.init_args.batch_size", "32", "--trainer.logger.init_args.save_dir", str(work / "runs"),
         "--trainer.enable_progress_bar", "false",
     ]
+    if devices == 1:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.chdir(work)
+            mp.setattr(sys, "argv", ["mrl-vision"])
+            cli(args)
+        return work / "runs" / "quickstart" / "version_0"
+    cmd = [sys.executable, "-m", "mrl_vision.cli", *args]
     with open(work / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -882,15 +890,20 @@ def single_process_validation(fitted, tmp_path_factory) -> Path:
     return _validate_run(fitted.ckpt, tmp_path_factory.mktemp("validate") / "one", 1, True, timeout=240)
 
 
+@pytest.fixture(scope="module")
+def two_process_validation(fitted, tmp_path_factory) -> Path:
+    """`mrl-vision validate` of the fitted checkpoint with 2 DDP processes (curve written; one launch for
+    both tests below). A hang fails within the timeout."""
+    return _validate_run(fitted.ckpt, tmp_path_factory.mktemp("validate") / "two", 2, True, timeout=180)
+
+
 @pytest.mark.slow
-def test_ddp_gathered_fitting_equals_single_process(fitted, single_process_validation, tmp_path):
+def test_ddp_gathered_fitting_equals_single_process(fitted, single_process_validation, two_process_validation):
     """2-process DDP does not fit and score the same cascade as one process (gathered rows out of order)."""
-    two = _validate_run(fitted.ckpt, tmp_path / "two", 2, write_curve=False, timeout=240)
-    m1, m2 = _logged_metrics(single_process_validation), _logged_metrics(two)
+    m1, m2 = _logged_metrics(single_process_validation), _logged_metrics(two_process_validation)
     assert set(m1) == set(m2) and {"adaptive/top1", "adaptive/expected_dims", "adaptive/expected_head_cost"} <= set(m1)
     for k in m1:
         assert m2[k] == pytest.approx(m1[k], abs=1e-6), k
-    assert not (two / "adaptive_val_curve.csv").exists()
     # the single-process numbers are those of the checkpoint on the whole validation set, computed here
     dm = QuickstartDataModule(batch_size=32)
     dm.setup("validate")
@@ -907,9 +920,9 @@ def test_ddp_gathered_fitting_equals_single_process(fitted, single_process_valid
 
 
 @pytest.mark.slow
-def test_ddp_validation_writes_the_same_curve(fitted, single_process_validation, tmp_path):
+def test_ddp_validation_writes_the_same_curve(single_process_validation, two_process_validation):
     """2-process DDP with write_curve=True hangs, or rank 0 writes a curve unlike one process's."""
-    two = _validate_run(fitted.ckpt, tmp_path / "two", 2, write_curve=True, timeout=60)
+    two = two_process_validation
     c1 = _read_csv(single_process_validation / "adaptive_val_curve.csv")
     c2 = _read_csv(two / "adaptive_val_curve.csv")
     assert [r["kind"] for r in c1] == [r["kind"] for r in c2]
