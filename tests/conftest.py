@@ -61,6 +61,7 @@ def run_console(args: list[str], work: Path, name: str, timeout: float = 240) ->
 
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "MRL_VISION_RESUME_FROM")}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores: one thread each, not two waiting on each other
     log_path = work / f"{name}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "mrl_vision.cli", *args], cwd=work, env=env,

@@ -850,6 +850,7 @@ def _validate_run(ckpt: Path, work: Path, devices: int, write_curve: bool, timeo
     ]}}))
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
     env["CUDA_VISIBLE_DEVICES"] = ""
+    env["OMP_NUM_THREADS"] = "1"  # two ranks on two cores
     args = [
         "validate", "--config", Q, "--config", str(extra),
         "--model.backbone", "test_resnet", "--trainer.accelerator", "cpu", "--trainer.devices", str(devices),

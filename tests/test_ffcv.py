@@ -176,13 +176,20 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 # so that their start-up (torch, Lightning, numba compilation) overlaps the other tests; each test
 # then waits for its own process's result.
 HANG_SCRIPT = """
+import gc
 import sys
 from mrl_vision.data import FFCVDataModule
 dm = FFCVDataModule(train_path=sys.argv[1], val_path=sys.argv[2], image_size=32, eval_image_size=24,
                     batch_size=4, num_workers=2, drop_last=False)
 for name, loader in (("train", dm.train_dataloader()), ("val", dm.val_dataloader())):
-    x, y = next(iter(loader))
+    batches = iter(loader)
+    x, y = next(batches)
     print("BATCH", name, tuple(x.shape), x.dtype, tuple(y.shape), flush=True)
+    # stop FFCV's loader thread before the interpreter exits: left running mid-epoch, it can abort the
+    # teardown ("terminate called without an active exception"), which is not what this checks
+    batches.close()
+    del batches
+    gc.collect()
 """
 
 NO_FFCV_SCRIPT = """
