@@ -164,6 +164,9 @@ class Matryoshka2dLoss(nn.Module):
             if not self.pairs:
                 raise ValueError("pairs is empty: list at least one [block, size], or leave it out to draw blocks")
             candidates = sorted(self.pairs)
+            # each paired block's Matryoshka weights with its unlisted sizes zeroed, built once (not per step)
+            self.pair_weights = {layer: base.weights * torch.tensor([float(m in sizes) for m in self.dims])
+                                 for layer, sizes in self.pairs.items()}
         else:
             candidates = list(range(1, depth)) if opts.prior_layers is None else list(opts.prior_layers)
             for layer in candidates:
@@ -207,8 +210,8 @@ class Matryoshka2dLoss(nn.Module):
             if self.pairs is None:
                 ce = self.base(logits[k], target)
             else:
-                mask = torch.tensor([m in self.pairs.get(layer, []) for m in self.dims], device=logits.device)
-                ce = (self.base.per_size(logits[k], target) * self.base.weights.to(logits.device) * mask).sum()
+                weights = self.pair_weights.get(layer, torch.zeros(len(self.dims)))  # a block not paired: nothing
+                ce = (self.base.per_size(logits[k], target) * weights.to(logits.device)).sum()
             prior = prior + ce * layer_weight(layer, opts.layer_weighting)
             if opts.kl_weight > 0:
                 student, teacher = (embeddings[k], embeddings[-1]) if opts.kl_on == "embeddings" else (logits[k], logits[-1])
