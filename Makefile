@@ -10,7 +10,7 @@ SYSTEM_PKGS := libturbojpeg0-dev libopencv-dev pkg-config
 QS := data/quickstart
 
 .PHONY: install system-deps test test-fast test-slow demo demo-torchvision results results-train bench clean \
-	retrieval-demo retrieval-tiny results-2d
+	retrieval-demo retrieval-tiny results-2d tiny-compare tiny-compare-analysis tiny-compare-gpu
 
 # FFCV's build needs these; installed with apt-get when missing (as root, or say what to run).
 system-deps:
@@ -125,6 +125,47 @@ retrieval-tiny: $(STAMP)
 	$(MRL) retrieve --database $(EMB)/tiny100-train --queries $(EMB)/tiny100-val \
 		--adaptive 8:200:512 --adaptive 16:200:512 --funnel 16:800,32:400,64:200,128:50,512:10 --out runs/retrieval/tiny100
 	$(PY) benchmarks/retrieval.py --database $(EMB)/tiny100-train --queries $(EMB)/tiny100-val
+
+# The Tiny-ImageNet comparison (issue 14), CPU reduced run: ResNet-18 at 32 px on 100 classes x 200 training
+# images (configs/tinyimagenet/cpu_subset.yaml, 10 epochs): MRL, MRL-E, the standard model and FF-8 ... FF-128,
+# each fitted and tested; linear probes (weight decay chosen on validation) on the standard model and on MRL;
+# the cascade fitted on validation and scored on test; 1-NN / mAP@10 retrieval per size; one report.
+# About 3 hours on 2 cores one model at a time (two at a time with OMP_NUM_THREADS=1: about 1.5 hours).
+# Data: data/tiny100h-ffcv/{train,val,test}.beton (see the config's header). TC_RUNS picks a subset of models.
+TC := runs/tiny-compare
+TC_CFG := --config configs/tinyimagenet/cpu_subset.yaml
+TC_RUNS ?= mrl:mrl:null mrl_e:mrl_e:null standard:ff:null ff8:ff:[8] ff16:ff:[16] ff32:ff:[32] ff64:ff:[64] ff128:ff:[128]
+TC_PROBE := --weight-decay 0 1e-4 1e-3 1e-2 --select-split val --fit-split train --eval-split test
+tiny-compare: $(STAMP)
+	test -f data/tiny100h-ffcv/test.beton || { echo "data/tiny100h-ffcv missing: see configs/tinyimagenet/cpu_subset.yaml"; exit 1; }
+	set -f; for run in $(TC_RUNS); do set -- $$(echo $$run | tr : ' '); name=$$1; head=$$2; dims=$$3; \
+		test -f $(TC)/$$name/checkpoints/last.ckpt || $(MRL) fit $(TC_CFG) --model.head $$head --model.dims "$$dims" \
+			--trainer.logger.init_args.version $$name || exit 1; \
+		$(MRL) test $(TC_CFG) --model.head $$head --model.dims "$$dims" --ckpt_path $(TC)/$$name/checkpoints/last.ckpt \
+			--trainer.logger.init_args.version $$name-test || exit 1; done
+	$(MAKE) tiny-compare-analysis TC=$(TC)
+
+tiny-compare-analysis: $(STAMP)
+	for name in standard mrl; do $(MRL) truncate --ckpt_path $(TC)/$$name $(TC_PROBE) --out $(TC)/$$name-probes || exit 1; done
+	for name in mrl mrl_e; do $(PY) benchmarks/cascade_eval.py $(TC)/$$name --json $(TC)/$$name-cascade.json || exit 1; done
+	for name in mrl standard; do for split in train test; do \
+		$(MRL) embed --ckpt_path $(TC)/$$name --split $$split --out $(TC)/emb/$$name-$$split --overwrite || exit 1; done; \
+		$(MRL) retrieve --database $(TC)/emb/$$name-train --queries $(TC)/emb/$$name-test --out $(TC)/$$name-retrieval || exit 1; done
+	$(MRL) report $(TC)/*-test $(TC)/*-probes $(TC)/*-retrieval --out $(TC)/report --title "Tiny-ImageNet subset (100 classes, 32 px)"
+
+# The same comparison on all of Tiny-ImageNet-200 at 64 px with the full recipe (configs/tinyimagenet/recipe.yaml:
+# RandAugment, random erasing, Mixup/CutMix, EMA; 100 epochs) on a GPU: ResNet-18 by default, TC_NET=resnet50.
+TC_NET ?= resnet18
+TCG := runs/tiny200-$(TC_NET)
+tiny-compare-gpu: $(STAMP)
+	test -f data/tiny200h-ffcv/test.beton || { echo "data/tiny200h-ffcv missing: see configs/tinyimagenet/recipe.yaml"; exit 1; }
+	set -f; for run in mrl:mrl:null mrl_e:mrl_e:null standard:standard:null ff8:ff:[8] ff16:ff:[16] ff32:ff:[32] ff64:ff:[64]; do \
+		set -- $$(echo $$run | tr : ' '); \
+		cfg="--config configs/tinyimagenet/recipe.yaml --config configs/tinyimagenet/$(TC_NET)_$$2.yaml --model.dims $$3 \
+			--trainer.logger.init_args.name tiny200-$(TC_NET)"; \
+		test -f $(TCG)/$$1/checkpoints/last.ckpt || $(MRL) fit $$cfg --trainer.logger.init_args.version $$1 || exit 1; \
+		$(MRL) test $$cfg --ckpt_path $(TCG)/$$1/checkpoints/last.ckpt --trainer.logger.init_args.version $$1-test || exit 1; done
+	$(MAKE) tiny-compare-analysis TC=$(TCG)
 
 bench: $(STAMP)
 	$(PY) benchmarks/head_overhead.py

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
+from .ema import EMA  # noqa: F401 (mrl_vision.callbacks.EMA in configs)
 from .files import atomic_write_text
 
 

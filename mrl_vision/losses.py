@@ -18,7 +18,8 @@ class MatryoshkaLoss(nn.Module):
         weights: one non-negative weight per size (default: all 1, as in the MRL paper).
         label_smoothing: passed to cross-entropy (the reference recipe uses 0.1).
 
-    ``forward(logits: [G, N, C], target: [N]) -> scalar``. The weights are a buffer, so they
+    ``forward(logits: [G, N, C], target: [N]) -> scalar``; ``target`` may also be class probabilities
+    ``[N, C]`` (soft targets of Mixup/CutMix: :mod:`mrl_vision.mixup`). The weights are a buffer, so they
     follow the module to the logits' device (the reference builds them on the CPU).
 
     Example::
@@ -56,9 +57,15 @@ class MatryoshkaLoss(nn.Module):
         g, n, c = logits.shape
         if self.weights.numel() != g:
             raise ValueError(f"logits hold {g} sizes but the loss has {self.weights.numel()} weights")
+        if target.dim() == 2:  # class probabilities (Mixup/CutMix)
+            if tuple(target.shape) != (n, c):
+                raise ValueError(f"soft targets must be [N, C] = [{n}, {c}], got {list(target.shape)}")
+            target = target.float().repeat(g, 1)
+        else:
+            target = target.repeat(g)
         ce = F.cross_entropy(
             logits.reshape(g * n, c).float(),
-            target.repeat(g),
+            target,
             reduction="none",
             label_smoothing=self.label_smoothing,
         )

@@ -372,16 +372,36 @@ class MatryoshkaModel(nn.Module):
         return model.to(map_location).eval()
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MatryoshkaModel":
+    def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                        weights: str = "auto") -> "MatryoshkaModel":
         """The model of a Lightning checkpoint written by ``mrl-vision fit`` (this version's or an
-        earlier one's, where the network sat directly on the task), in eval mode."""
+        earlier one's, where the network sat directly on the task), in eval mode.
+
+        ``weights``: a checkpoint of a run with :class:`mrl_vision.callbacks.EMA` holds the averaged weights
+        (``ema``; ``auto``, the default, takes them and says so) and the live ones (``live``)."""
+        if weights not in ("auto", "ema", "live"):
+            raise ValueError(f"weights must be 'auto', 'ema' or 'live', got {weights!r}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
         if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
             raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of mrl-vision (no state_dict/hyper_parameters)")
+        state = ckpt["state_dict"]
+        averaged = "current_model_state" in ckpt
+        if weights != "auto" and not averaged:
+            raise ValueError(f"weights={weights!r}, but {str(path)!r} holds one set of weights (trained without EMA)")
+        if weights == "live":
+            state = dict(ckpt["current_model_state"])
+            for key in [k for k in state if k.endswith("adaptive_thresholds")]:  # fitted on the averaged model
+                state[key] = ckpt["state_dict"].get(key, state[key])
+        elif averaged:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            ema = ckpt.get("ema", {})
+            rank_zero_info(f"{os.fspath(path)}: loading the EMA weights (decay {ema.get('decay', '?')}, "
+                           f"{ema.get('updates', '?')} updates); weights='live' loads the training weights")
         model = cls(**model_kwargs(ckpt["hyper_parameters"]))
-        model.load_state_dict(model_state(ckpt["state_dict"]))
+        model.load_state_dict(model_state(state))
         return model.to(map_location).eval()
 
     @classmethod

@@ -16,6 +16,7 @@ import torch
 from .losses import MatryoshkaLoss
 from .matryoshka2d import Matryoshka2d, Matryoshka2dLoss, grid_key, resolve_eval_layers
 from .metrics import MatryoshkaAccuracy
+from .mixup import BatchMixing
 from .model import MatryoshkaModel, model_state, upgrade_config
 from .optim import build_optimizer, lr_factor
 
@@ -47,6 +48,10 @@ class MatryoshkaClassifier(L.LightningModule):
         freeze_backbone: train only the head on a frozen backbone (its weights, BatchNorm statistics and
             dropout fixed: it stays in eval mode): MRL on top of an existing embedding, e.g. with
             ``pretrained_file``; the optimizer gets only the head's parameters.
+        mixup_alpha / cutmix_alpha / mixup_prob / mixup_switch_prob: Mixup and CutMix on training batches
+            (timm's ``--mixup``, ``--cutmix``, ``--mixup-prob``, ``--mixup-switch-prob``; 0.8 / 1.0 / 1.0 / 0.5
+            in timm's ImageNet recipes): soft targets through the Matryoshka loss at every size, per-size
+            training accuracy against the hard labels (:mod:`mrl_vision.mixup`). Both 0 (default): off.
         eval_layers: the blocks of the (block, size) evaluation grid: validation and test log
             ``top1@L{k}/{m}`` for each earlier block k (the last block is ``top1@{m}``); default every
             block with ``matryoshka_2d``, none otherwise.
@@ -77,6 +82,10 @@ class MatryoshkaClassifier(L.LightningModule):
         matryoshka_2d: Matryoshka2d | None = None,
         eval_layers: list[int] | None = None,
         freeze_backbone: bool = False,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -111,6 +120,9 @@ class MatryoshkaClassifier(L.LightningModule):
             self.model.backbone.eval()
         dims = self.model.dims
         self.criterion = MatryoshkaLoss(len(dims), loss_weights, label_smoothing)
+        self.mixing = None
+        if mixup_alpha != 0 or cutmix_alpha != 0:
+            self.mixing = BatchMixing(mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, num_classes)
         self.train_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
         self.val_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
         self.test_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
@@ -153,16 +165,19 @@ class MatryoshkaClassifier(L.LightningModule):
     def _shared_step(self, batch: Any, stage: str, batch_idx: int = 0) -> Any:
         x, y = batch[0], batch[1]
         grid = None
+        target = y  # the loss's target: soft under Mixup/CutMix; the accuracies keep y
+        if stage == "train" and self.mixing is not None:
+            x, target = self.mixing(x, y)
         if stage == "train" and self.layer_loss is not None:
             layers = self.layer_loss.step_layers(self.current_epoch, batch_idx)
             grid, z = self.model.layer_outputs(x, layers)
             logits = grid[-1]
-            loss, parts = self.layer_loss(grid, z, layers, y)
+            loss, parts = self.layer_loss(grid, z, layers, target)
             self.log_dict({f"train/loss_{k}": v for k, v in parts.items()}, on_step=False, on_epoch=True,
                           batch_size=y.shape[0])
         elif stage == "train":
             logits = self(x)
-            loss = self.criterion(logits, y)
+            loss = self.criterion(logits, target)
         elif self.eval_layers is not None:  # the (block, size) grid from one forward pass
             grid, zs = self.model.layer_outputs(x, self.eval_layers, self.hparams.eval_flip_tta)
             logits, z = grid[-1], zs[-1]

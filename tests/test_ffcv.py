@@ -831,3 +831,58 @@ def test_2d_matryoshka_trains_through_ffcv_with_the_callbacks(colours, tmp_path)
     assert {"val/top1@L3/8", "val/top1@L3/64", "val/top1@64", "adaptive/top1", "val/knn_top1@8",
             "train/loss_kl"} <= set(logged)
     assert float(logged["train/loss_prior"]) > 0
+
+
+def test_recipe_options_train_through_ffcv(colours, tmp_path):
+    """RandAugment + random erasing (on the device, after FFCV), Mixup/CutMix soft targets and the EMA do not
+    train together from FFCV batches: the training loader must hand over uint8 images (the CPU pipeline skips
+    its normalisation), the batches reaching the step must be augmented floats, evaluation must stay plain, and
+    the checkpoint must hold the average with the cascade's thresholds."""
+    from mrl_vision.callbacks import EMA, AdaptiveClassificationCallback
+
+    dm = make_dm(colours, auto_augment="rand-m9-n2", random_erasing=0.5)
+    x, _ = next(iter(dm.make_loader("train")))
+    assert x.dtype == torch.uint8  # normalised later, on the device, after the augmentation
+    plain = dm.normalize(x.clone())  # RandomResizedCrop of constant-colour images: constant images
+    assert float(plain.flatten(2).std(2).max()) < 0.05
+
+    seen = []
+
+    class Batches(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(batch[0].clone())
+
+    torch.manual_seed(0)
+    model = MatryoshkaClassifier(num_classes=dm.num_classes, backbone="test_resnet", mixup_alpha=0.8, cutmix_alpha=1.0)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, logger=False, default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[Batches(), EMA(decay=0.9), AdaptiveClassificationCallback(),
+                                   ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    trainer.fit(model, datamodule=dm)
+    assert len(seen) == 2 and all(b.dtype == torch.float32 for b in seen)
+    # RandAugment's geometric operations and the erasing's noise vary pixels of constant-colour images
+    assert max(float(b.flatten(2).std(2).max()) for b in seen) > 0.2
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert ckpt["ema"]["updates"] == 2 and "current_model_state" in ckpt
+    assert not bool(torch.isnan(ckpt["state_dict"]["model.adaptive_thresholds"]).any())
+
+
+@pytest.mark.parametrize("variant, head, dims", [("resnet18_mrl", "MatryoshkaHead", [8, 16, 32, 64, 128, 256, 512]),
+                                                 ("resnet50_ff", "FixedFeatureHead", [8])])
+def test_tinyimagenet_recipe_instantiates(variant, head, dims, colours, run_dir):
+    """configs/tinyimagenet/recipe.yaml + a model file does not build the recipe it documents: RandAugment and
+    random erasing on the FFCV batches, Mixup/CutMix, the EMA callback and the bounded cascade."""
+    from mrl_vision.callbacks import EMA, AdaptiveClassificationCallback
+
+    c = cli(["--config", str(CONFIG_DIR / "tinyimagenet/recipe.yaml"),
+             "--config", str(CONFIG_DIR / f"tinyimagenet/{variant}.yaml"),
+             "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+             "--data.init_args.train_path", str(colours.train), "--data.init_args.val_path", str(colours.val),
+             "--data.init_args.test_path", str(colours.val)], run=False)
+    assert type(c.model.model.head).__name__ == head and c.model.model.dims == dims
+    assert c.datamodule.batch_augment.active and c.datamodule.hparams.auto_augment == "rand-m9-n2"
+    assert c.model.mixing is not None and c.model.hparams.cutmix_alpha == 1.0
+    ema = [cb for cb in c.trainer.callbacks if isinstance(cb, EMA)]
+    assert len(ema) == 1 and ema[0].decay == 0.9998
+    cascade = [cb for cb in c.trainer.callbacks if isinstance(cb, AdaptiveClassificationCallback)]
+    assert cascade[0].confidence == 0.95

@@ -72,6 +72,11 @@ class FFCVDataModule(MatryoshkaDataModule):
             changed in place): None (default) for files up to ``VERIFY_MAX_BYTES`` (2 GiB, about
             2 s), True always, False never.
         distributed: shard with ``distributed=True``; default: when the Trainer has more than one process.
+        auto_augment / random_erasing: training augmentation per image (:mod:`mrl_vision.data.augment`):
+            ``"rand-m9-n2"`` (RandAugment), ``"trivial"`` (TrivialAugmentWide) or None; the probability of
+            erasing a rectangle with noise after normalisation. FFCV's compiled pipeline cannot run them, so
+            training batches then stay ``uint8`` until the device, where :class:`~mrl_vision.data.augment.BatchAugment`
+            applies them image by image (drawn from torch's seeded generator, not from the sample index).
         seed: seed of the training order and augmentation (the same on every rank, so shards do not
             overlap): epoch ``e`` shuffles with ``seed + e``, and each sample's crop and flip are a
             function of (``seed``, ``e``, its index in the file), independent of threads and ranks.
@@ -110,9 +115,14 @@ class FFCVDataModule(MatryoshkaDataModule):
         distributed: bool | None = None,
         seed: int = 0,
         verify_checksum: bool | None = None,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
     ) -> None:
         super().__init__()
         require_ffcv()
+        from .augment import BatchAugment
+
+        self.batch_augment = BatchAugment(auto_augment, random_erasing)  # checks both before any file is read
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if order == "quasi_random" and distributed:
@@ -201,7 +211,7 @@ class FFCVDataModule(MatryoshkaDataModule):
             image = [CenterCropRGBImageDecoder((hp.eval_image_size, hp.eval_image_size), ratio=hp.eval_crop_ratio)]
         label = [IntDecoder(), ToTensor(), Squeeze(1)]  # dim 1 only: a batch of one stays [1]
         device = self._device()
-        if device.type != "cuda":
+        if device.type != "cuda" and not (train and self.batch_augment.active):
             # On the CPU, normalise in FFCV's JIT op: it runs in the loader threads, ahead of the
             # step, into buffers FFCV reuses (a torch op per batch would allocate fresh memory).
             image.append(NormalizeImage(self._mean.numpy(), self._std.numpy(), np.float32))
@@ -287,7 +297,10 @@ class FFCVDataModule(MatryoshkaDataModule):
         images, *rest = batch
         if images.dtype == torch.uint8:
             dtype = precision_dtype(self.trainer.precision) if self._trainer_attached() else torch.float32
-            images = self.normalize(images, dtype)
+            if self.batch_augment.active and self._trainer_attached() and self.trainer.training:
+                images = self.batch_augment(images, lambda im: self.normalize(im, dtype))
+            else:
+                images = self.normalize(images, dtype)
         # FFCV reuses its output buffers for later batches: labels kept past this step must be copies.
         return [images, *(t.clone() if torch.is_tensor(t) else t for t in rest)]
 

@@ -182,6 +182,9 @@ class ImageFolderDataModule(MatryoshkaDataModule):
         skip_unreadable: verify, and leave the unreadable images out (``skipped`` lists them by split).
         predict_dir: a folder of unlabeled images (no class sub-folders) that ``predict`` runs on,
             in name order, with the evaluation transform; its batches are images alone.
+        auto_augment / random_erasing: training augmentation per image (:mod:`mrl_vision.data.augment`):
+            ``"rand-m9-n2"`` (RandAugment), ``"trivial"`` (TrivialAugmentWide) or None; the probability of
+            erasing a rectangle with noise after normalisation (e.g. 0.25).
 
     The folders are checked when the module is built, so a missing or empty directory fails
     before any model is created. ``sample_names(split)`` names each sample's file.
@@ -215,6 +218,8 @@ class ImageFolderDataModule(MatryoshkaDataModule):
         verify_images: bool = False,
         skip_unreadable: bool = False,
         predict_dir: str | None = None,
+        auto_augment: str | None = None,
+        random_erasing: float = 0.0,
     ) -> None:
         super().__init__()
         require_at_least(1, batch_size=batch_size, image_size=image_size)
@@ -231,7 +236,8 @@ class ImageFolderDataModule(MatryoshkaDataModule):
             self.split_dirs["predict"] = self.predict_dir
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.input_size, self.mean, self.std = image_size, mean, std
-        self.train_tf = train_transform(image_size, mean, std, scale=tuple(rrc_scale), hflip=hflip)
+        self.train_tf = train_transform(image_size, mean, std, scale=tuple(rrc_scale), hflip=hflip,
+                                        auto_augment=auto_augment, random_erasing=random_erasing)
         self.eval_tf = eval_transform(image_size, eval_crop_ratio, mean, std)
         self.skipped: dict[str, list[str]] = {}
         """The unreadable images left out (``skip_unreadable``), by split."""

@@ -25,12 +25,18 @@ def train_transform(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip: float = 0.5,
+    auto_augment: str | None = None,
+    random_erasing: float = 0.0,
 ) -> v2.Compose:
-    """RandomResizedCrop + horizontal flip, then float and normalise (PIL image or uint8 tensor in)."""
+    """RandomResizedCrop + horizontal flip (+ ``auto_augment``), then float and normalise (+ ``random_erasing``);
+    PIL image or uint8 tensor in. The two options are spelled as in :mod:`mrl_vision.data.augment`."""
+    from .augment import sample_transforms
+
+    before, after = sample_transforms(auto_augment, random_erasing)
     ops = [v2.ToImage(), v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True)]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    ops += [*before, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), *after]
     return v2.Compose(ops)
 
 
