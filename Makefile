@@ -141,8 +141,8 @@ tiny-compare: $(STAMP)
 	set -f; for run in $(TC_RUNS); do set -- $$(echo $$run | tr : ' '); name=$$1; head=$$2; dims=$$3; \
 		test -f $(TC)/$$name/checkpoints/last.ckpt || $(MRL) fit $(TC_CFG) --model.head $$head --model.dims "$$dims" \
 			--trainer.logger.init_args.version $$name || exit 1; \
-		$(MRL) test $(TC_CFG) --model.head $$head --model.dims "$$dims" --ckpt_path $(TC)/$$name/checkpoints/last.ckpt \
-			--trainer.logger.init_args.version $$name-test || exit 1; done
+		$(MRL) test $(TC_CFG) --ckpt_path $(TC)/$$name/checkpoints/last.ckpt --trainer.logger.init_args.version $$name-test \
+			|| exit 1; done
 	$(MAKE) tiny-compare-analysis TC=$(TC)
 
 tiny-compare-analysis: $(STAMP)
@@ -161,9 +161,9 @@ tiny-compare-gpu: $(STAMP)
 	test -f data/tiny200h-ffcv/test.beton || { echo "data/tiny200h-ffcv missing: see configs/tinyimagenet/recipe.yaml"; exit 1; }
 	set -f; for run in mrl:mrl:null mrl_e:mrl_e:null standard:standard:null ff8:ff:[8] ff16:ff:[16] ff32:ff:[32] ff64:ff:[64]; do \
 		set -- $$(echo $$run | tr : ' '); \
-		cfg="--config configs/tinyimagenet/recipe.yaml --config configs/tinyimagenet/$(TC_NET)_$$2.yaml --model.dims $$3 \
-			--trainer.logger.init_args.name tiny200-$(TC_NET)"; \
-		test -f $(TCG)/$$1/checkpoints/last.ckpt || $(MRL) fit $$cfg --trainer.logger.init_args.version $$1 || exit 1; \
+		cfg="--config configs/tinyimagenet/recipe.yaml --trainer.logger.init_args.name tiny200-$(TC_NET)"; \
+		test -f $(TCG)/$$1/checkpoints/last.ckpt || $(MRL) fit $$cfg --config configs/tinyimagenet/$(TC_NET)_$$2.yaml \
+			--model.dims $$3 --trainer.logger.init_args.version $$1 || exit 1; \
 		$(MRL) test $$cfg --ckpt_path $(TCG)/$$1/checkpoints/last.ckpt --trainer.logger.init_args.version $$1-test || exit 1; done
 	$(MAKE) tiny-compare-analysis TC=$(TCG)
 

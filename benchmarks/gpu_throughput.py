@@ -166,6 +166,8 @@ def resident_batches(size: int, batch: int, classes: int, steps: int, device: to
     from mrl_vision.data.ffcv_loader import FFCVDataModule
     from mrl_vision.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
+    from mrl_vision.data.augment import BatchAugment
+
     class ResidentBatches(L.LightningDataModule):
         on_after_batch_transfer = FFCVDataModule.on_after_batch_transfer
         normalize = FFCVDataModule.normalize
@@ -179,6 +181,7 @@ def resident_batches(size: int, batch: int, classes: int, steps: int, device: to
             self.batch = [images.to(device), labels.to(device)]
             self._mean = torch.tensor(IMAGENET_MEAN) * 255  # as FFCVDataModule keeps them
             self._std = torch.tensor(IMAGENET_STD) * 255
+            self.batch_augment = BatchAugment()  # none: the recipe's per-image augmentation is off, as in the FFCV rows
 
         def train_dataloader(self) -> _Repeat:
             return _Repeat(self.batch, steps)

@@ -210,8 +210,13 @@ def test_ema_values_by_hand_and_checkpoint(tmp_path):
 def test_ema_is_what_validation_and_export_see(tmp_path, caplog):
     """Validation during fit does not run on the averaged weights, from_checkpoint does not load them and
     say so, or weights='live' does not give the training weights."""
+    import logging
+
     trainer, model, rec, ckpt = _fit_with_ema(tmp_path, EMA(decay=0.5, warmup=False))
-    net = MatryoshkaModel.from_checkpoint(tmp_path / "last.ckpt")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        net = MatryoshkaModel.from_checkpoint(tmp_path / "last.ckpt")
+    assert "loading the EMA weights (decay 0.5, 3 updates)" in caplog.text
     x, y = Tensors().dataset("val")[:]
     with torch.no_grad():
         loss = MatryoshkaLoss(len(net.dims))(net(x), y)
