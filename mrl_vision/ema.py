@@ -134,6 +134,9 @@ class EMA(WeightAveraging):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
+        model = getattr(pl_module, "model", None)
+        if model is not None and hasattr(model, "weights_origin"):  # save_pretrained records it
+            model.weights_origin = {"ema": {"decay": self.decay, "warmup": self.warmup, "updates": self.updates}}
         rank_zero_info(f"EMA: the model now holds the averaged weights (decay {self.decay}, {self.updates} updates)")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -172,6 +172,9 @@ class MatryoshkaModel(nn.Module):
             self.backbone.to(memory_format=torch.channels_last)
         # The confidence cascade's thresholds [G-1] (NaN until fitted): a buffer, so saved with the weights.
         self.register_buffer("adaptive_thresholds", torch.full((max(0, len(self.dims) - 1),), float("nan")))
+        self.weights_origin: dict[str, Any] | None = None
+        """Where the weights came from when it is not plain training: ``{"ema": {"decay": ..., "updates": ...}}``
+        for an exponential moving average (:class:`mrl_vision.callbacks.EMA`); saved in ``config.json``."""
 
     @property
     def config(self) -> dict[str, Any]:
@@ -361,7 +364,12 @@ class MatryoshkaModel(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         with atomic_path(out / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
-        atomic_write_text(out / CONFIG_NAME, json.dumps({"format": FORMAT, **self.config}, indent=2) + "\n")
+        origin = {"weights": self.weights_origin} if self.weights_origin else {}
+        atomic_write_text(out / CONFIG_NAME, json.dumps({"format": FORMAT, **self.config, **origin}, indent=2) + "\n")
+        if self.weights_origin and "ema" in self.weights_origin:
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"{out}: saved the EMA weights ({_describe_ema(self.weights_origin['ema'])})")
         return out
 
     @classmethod
@@ -369,6 +377,7 @@ class MatryoshkaModel(nn.Module):
         """The model saved by :meth:`save_pretrained` in ``directory``, in eval mode."""
         model = cls(**read_pretrained_config(directory))
         load_pretrained_weights(model, directory)
+        model.weights_origin = json.loads((Path(directory) / CONFIG_NAME).read_text()).get("weights")
         return model.to(map_location).eval()
 
     @classmethod
@@ -398,10 +407,12 @@ class MatryoshkaModel(nn.Module):
             from lightning.pytorch.utilities import rank_zero_info
 
             ema = ckpt.get("ema", {})
-            rank_zero_info(f"{os.fspath(path)}: loading the EMA weights (decay {ema.get('decay', '?')}, "
-                           f"{ema.get('updates', '?')} updates); weights='live' loads the training weights")
+            rank_zero_info(f"{os.fspath(path)}: loading the EMA weights ({_describe_ema(ema)}); weights='live' loads "
+                           "the training weights")
         model = cls(**model_kwargs(ckpt["hyper_parameters"]))
         model.load_state_dict(model_state(state))
+        if averaged and weights != "live":
+            model.weights_origin = {"ema": dict(ckpt.get("ema", {}))}
         return model.to(map_location).eval()
 
     @classmethod
@@ -496,6 +507,10 @@ def check_same_classes(num_classes: int | None, class_names: Sequence[str] | Non
         raise ValueError(f"the checkpoint's classes are not the data's ({detail})")
 
 
+def _describe_ema(ema: dict) -> str:
+    return f"decay {ema.get('decay', '?')}, {ema.get('updates', '?')} updates"
+
+
 def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``config.json`` of a :meth:`MatryoshkaModel.save_pretrained` folder, as model arguments."""
     path = Path(directory) / CONFIG_NAME
@@ -504,6 +519,7 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
     config = json.loads(path.read_text())
     if config.pop("format", None) != FORMAT:
         raise ValueError(f"{str(path)!r} is not an mrl-vision model config (format != {FORMAT!r})")
+    config.pop("weights", None)  # where the weights came from (EMA): a record, not an argument
     unknown = sorted(set(config) - set(MODEL_ARGS))
     if unknown:
         raise ValueError(f"{str(path)!r} has unknown keys {unknown}")

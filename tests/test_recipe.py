@@ -217,11 +217,20 @@ def test_ema_is_what_validation_and_export_see(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         net = MatryoshkaModel.from_checkpoint(tmp_path / "last.ckpt")
     assert "loading the EMA weights (decay 0.5, 3 updates)" in caplog.text
+    assert net.weights_origin == {"ema": {"decay": 0.5, "warmup": False, "updates": 3}}
+    with caplog.at_level(logging.INFO):
+        net.save_pretrained(tmp_path / "saved")
+    assert "saved the EMA weights (decay 0.5, 3 updates)" in caplog.text
+    again = MatryoshkaModel.from_pretrained(tmp_path / "saved")
+    assert again.weights_origin == net.weights_origin
+    assert torch.equal(again.head.linears[0].weight, net.head.linears[0].weight)
+    assert model.model.weights_origin == net.weights_origin  # the task's model after fit holds the average
     x, y = Tensors().dataset("val")[:]
     with torch.no_grad():
         loss = MatryoshkaLoss(len(net.dims))(net(x), y)
     assert torch.isclose(loss, trainer.callback_metrics["val/loss"], atol=1e-5)
     live = MatryoshkaModel.from_checkpoint(tmp_path / "last.ckpt", weights="live")
+    assert live.weights_origin is None
     assert torch.equal(live.head.linears[0].weight, rec.states[-1]["model.head.linears.0.weight"])
     assert not torch.equal(live.head.linears[0].weight, net.head.linears[0].weight)
     with pytest.raises(ValueError, match="weights must be 'auto', 'ema' or 'live', got 'best'"):
