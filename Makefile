@@ -150,8 +150,10 @@ tiny-compare-analysis: $(STAMP)
 	for name in mrl mrl_e; do $(PY) benchmarks/cascade_eval.py $(TC)/$$name --json $(TC)/$$name-cascade.json || exit 1; done
 	for name in mrl standard; do for split in train test; do \
 		$(MRL) embed --ckpt_path $(TC)/$$name --split $$split --out $(TC)/emb/$$name-$$split --overwrite || exit 1; done; \
-		$(MRL) retrieve --database $(TC)/emb/$$name-train --queries $(TC)/emb/$$name-test --out $(TC)/$$name-retrieval || exit 1; done
+		$(MRL) retrieve --database $(TC)/emb/$$name-train --queries $(TC)/emb/$$name-test --dims 8 16 32 64 128 256 512 \
+			--out $(TC)/$$name-retrieval || exit 1; done
 	$(MRL) report $(TC)/*-test $(TC)/*-probes $(TC)/*-retrieval --out $(TC)/report --title "Tiny-ImageNet subset (100 classes, 32 px)"
+	$(PY) benchmarks/tiny_compare_table.py $(TC)
 
 # The same comparison on all of Tiny-ImageNet-200 at 64 px with the full recipe (configs/tinyimagenet/recipe.yaml:
 # RandAugment, random erasing, Mixup/CutMix, EMA; 100 epochs) on a GPU: ResNet-18 by default, TC_NET=resnet50.

@@ -101,3 +101,31 @@ def test_cascade_eval_fits_on_validation_and_reports_test(quickstart_run, capsys
         assert r["holds"] == (r["test_largest"] - r["test_top1"] <= r["tolerance"] + 1e-12)
     printed = capsys.readouterr().out
     assert printed.count("| 0.5 |") == 2 and "95% lower bound" in printed
+
+
+def test_tiny_compare_table_reads_every_column(tmp_path: Path) -> None:
+    """The Tiny-ImageNet table puts a figure in the wrong column or size, or drops FF runs or the standard model
+    (FF at the full width), or fails on a missing run instead of leaving its column empty."""
+    spec = importlib.util.spec_from_file_location("tiny_table", REPO_ROOT / "benchmarks" / "tiny_compare_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def write(rel: str, header: str, rows: list[str]) -> None:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join([header, *rows]) + "\n")
+
+    write("mrl-test/test_accuracy.csv", "dims,top1,top5", ["8,16.2,40", "512,24.7,52"])
+    write("ff8-test/test_accuracy.csv", "dims,top1,top5", ["8,17.9,41"])
+    write("standard-test/test_accuracy.csv", "dims,top1,top5", ["512,26.6,53"])
+    write("standard-probes/truncation.csv", "dims,prefix_top1,svd_top1,prefix_wd,svd_wd", ["8,7.0,19.9,0,0.001",
+                                                                                          "512,27.6,26.3,0.01,0.01"])
+    write("mrl-retrieval/retrieval.csv", "dim,nn1_top1,knn_top1,map_at_10_ref,map_at_10", ["8,8.3,12.9,4.0,3.99"])
+    dims, cols = mod.collect(tmp_path)
+    assert dims == [8, 512]
+    assert cols["MRL"] == {8: 16.2, 512: 24.7} and cols["MRL-E"] == {}
+    assert cols["FF-m"] == {8: 17.9, 512: 26.6}
+    assert cols["standard, first m + probe"] == {8: 7.0, 512: 27.6} and cols["standard, SVD m + probe"][8] == 19.9
+    assert cols["MRL 1-NN"] == {8: 8.3} and cols["MRL mAP@10"] == {8: 3.99} and cols["standard 1-NN"] == {}
+    lines = mod.table(tmp_path).splitlines()
+    assert lines[2].startswith("| 8 | 16.20 |  | 17.90 | 7.00 | 19.90 |")
