@@ -81,9 +81,15 @@ class EMA(WeightAveraging):
             raise ValueError(f"start_step must be >= 0, got {start_step!r}")
         self.averaging = WarmupEMA(decay, warmup)
         super().__init__(device=device, use_buffers=True, multi_avg_fn=self.averaging)
-        self._synced = False  # the host-side update count read back from a restored average
-        self.decay, self.warmup = float(decay), bool(warmup)
         self.every_n_steps, self.start_step = int(every_n_steps), int(start_step)
+
+    @property
+    def decay(self) -> float:
+        return self.averaging.decay
+
+    @property
+    def warmup(self) -> bool:
+        return self.averaging.warmup
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step and (step_idx - self.start_step) % self.every_n_steps == 0
@@ -111,11 +117,13 @@ class EMA(WeightAveraging):
 
     @property
     def updates(self) -> int:
-        """Updates of the average so far."""
-        if self._average_model is not None and not self._synced:  # once: after a restore, from the saved count
-            self.averaging.updates = int(self._average_model.n_averaged)
-            self._synced = True
+        """Updates of the average so far (counted on the host: no device sync per step)."""
         return self.averaging.updates
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":  # a fresh average (a restored one sets its count in on_load_checkpoint)
+            self.averaging.updates = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -123,14 +131,14 @@ class EMA(WeightAveraging):
         step_idx = trainer.global_step - 1
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
             assert self._average_model is not None
-            n = self.updates
             self._average_model.update_parameters(pl_module)  # the rate of update n + 1 uses n
             self._latest_update_step = trainer.global_step
-            self.averaging.updates = n + 1
+            self.averaging.updates += 1
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        self._synced = False
+        if self._average_model is not None:  # the restored average's count (one read, at restore)
+            self.averaging.updates = int(self._average_model.n_averaged)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

@@ -375,9 +375,11 @@ class MatryoshkaModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "MatryoshkaModel":
         """The model saved by :meth:`save_pretrained` in ``directory``, in eval mode."""
-        model = cls(**read_pretrained_config(directory))
+        config = read_pretrained_config(directory, keep_record=True)
+        origin = config.pop("weights", None)
+        model = cls(**config)
         load_pretrained_weights(model, directory)
-        model.weights_origin = json.loads((Path(directory) / CONFIG_NAME).read_text()).get("weights")
+        model.weights_origin = origin
         return model.to(map_location).eval()
 
     @classmethod
@@ -399,10 +401,8 @@ class MatryoshkaModel(nn.Module):
         averaged = "current_model_state" in ckpt
         if weights != "auto" and not averaged:
             raise ValueError(f"weights={weights!r}, but {str(path)!r} holds one set of weights (trained without EMA)")
-        if weights == "live":
-            state = dict(ckpt["current_model_state"])
-            for key in [k for k in state if k.endswith("adaptive_thresholds")]:  # fitted on the averaged model
-                state[key] = ckpt["state_dict"].get(key, state[key])
+        if weights == "live":  # (the cascade's thresholds are never averaged: both states hold the fitted ones)
+            state = ckpt["current_model_state"]
         elif averaged:
             from lightning.pytorch.utilities import rank_zero_info
 
@@ -511,16 +511,20 @@ def _describe_ema(ema: dict) -> str:
     return f"decay {ema.get('decay', '?')}, {ema.get('updates', '?')} updates"
 
 
-def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The ``config.json`` of a :meth:`MatryoshkaModel.save_pretrained` folder, as model arguments."""
+def read_pretrained_config(directory: str | os.PathLike, keep_record: bool = False) -> dict[str, Any]:
+    """The ``config.json`` of a :meth:`MatryoshkaModel.save_pretrained` folder, as model arguments (with
+    ``keep_record``, plus the ``weights`` record of where the weights came from, when there is one)."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} is not a saved model: no {CONFIG_NAME} (write one with save_pretrained)")
     config = json.loads(path.read_text())
     if config.pop("format", None) != FORMAT:
         raise ValueError(f"{str(path)!r} is not an mrl-vision model config (format != {FORMAT!r})")
-    config.pop("weights", None)  # where the weights came from (EMA): a record, not an argument
+    record = config.pop("weights", None)  # where the weights came from (EMA): a record, not an argument
     unknown = sorted(set(config) - set(MODEL_ARGS))
     if unknown:
         raise ValueError(f"{str(path)!r} has unknown keys {unknown}")
-    return upgrade_config(config)
+    config = upgrade_config(config)
+    if keep_record and record is not None:
+        config["weights"] = record
+    return config
