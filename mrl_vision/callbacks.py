@@ -98,14 +98,19 @@ class AccuracyReport(L.Callback):
     (the last validation) and of ``test``. A 2D Matryoshka task (``eval_layers`` of several blocks) also
     gets its (block, size) grid printed and written as ``{stage}_grid.csv`` and a heatmap ``.png``.
 
+    A model trained with an embedding loss gets its per-size retrieval table (``recall{K}``,
+    ``knn_top1``) printed and written as ``{stage}_retrieval.csv`` and ``.png`` (Recall@1 against dims).
+
     The CLI adds it when a config has none. ``rows`` keeps the last table
     (``[{"dims", "top1", "top5"}]``, percent), ``grid`` the last grid (``[{"layers", "dims", "top1",
-    "top5"}]``, percent; empty without one).
+    "top5"}]``, percent; empty without one), ``retrieval`` the last retrieval table (``[{"dims", "recall1",
+    ..., "knn_top1"}]``, percent; empty without one).
     """
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
         self.grid: list[dict] = []
+        self.retrieval: list[dict] = []
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, "val")
@@ -114,17 +119,25 @@ class AccuracyReport(L.Callback):
         self._report(trainer, pl_module, "test")
 
     def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from .report import accuracy_rows, format_grid, format_table, grid_rows, write_accuracy_report, write_grid_report
+        from .report import (RETRIEVAL_METRICS, accuracy_rows, format_grid, format_table, grid_rows,
+                             write_accuracy_report, write_grid_report)
 
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
         self.rows = accuracy_rows(metrics, prefix=f"{stage}/")
+        self.retrieval = accuracy_rows(metrics, prefix=f"{stage}/", families=RETRIEVAL_METRICS)
         layers = getattr(pl_module, "eval_layers", None)  # the last is the full depth
         self.grid = grid_rows(metrics, f"{stage}/", depth=layers[-1]) if layers and len(layers) > 1 else []
         out_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
-        if not trainer.is_global_zero or not (self.rows or self.grid):
+        if not trainer.is_global_zero or not (self.rows or self.grid or self.retrieval):
             return
         model = pl_module.model
-        name = f"{model.backbone_name} {model.head_kind} {'validation' if stage == 'val' else stage}"
+        name = f"{model.backbone_name} {model.head_kind or 'embedder'} {'validation' if stage == 'val' else stage}"
+        if self.retrieval:
+            title = f"{name} retrieval within the split"
+            rank_zero_info("\n" + format_table(self.retrieval, title))
+            csv_path, png_path = write_accuracy_report(self.retrieval, out_dir, stem=f"{stage}_retrieval", title=title,
+                                                       metric="recall1")
+            rank_zero_info(f"wrote {csv_path} and {png_path}")
         if self.rows:
             rank_zero_info("\n" + format_table(self.rows, f"{name} accuracy"))
             csv_path, png_path = write_accuracy_report(self.rows, out_dir, stem=f"{stage}_accuracy", title=f"{name} accuracy")

@@ -21,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -29,7 +29,11 @@ from torch import nn
 from .adaptive import cascade_predict
 from .backbones import create_backbone
 from .files import atomic_path, atomic_write_text
-from .heads import HEAD_KINDS, ClassifierHead, HeadKind, build_head, default_dims, validate_dims
+from .heads import HEAD_KINDS, ClassifierHead, build_head, default_dims, validate_dims
+
+MODEL_HEADS: tuple[str, ...] = (*HEAD_KINDS, "none")
+"""The heads a model can have: a classifier of :data:`mrl_vision.heads.HEAD_KINDS`, or ``none`` (an embedder)."""
+ModelHead = Literal["mrl", "mrl_e", "ff", "ff_projection", "none"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -85,8 +89,10 @@ class MatryoshkaModel(nn.Module):
         backbone: a timm model name (``timm.list_models()``).
         num_classes: C; ``None`` makes a pure embedder (``forward`` returns the embedding).
         head: ``mrl`` (a classifier per prefix), ``mrl_e`` (one shared weight), ``ff`` (the
-            reference's fixed-feature baseline: a classifier on ``z[:, :m]``, ``dims=[m]``) or
-            ``ff_projection`` (a learned projection to ``m`` dims, then a classifier).
+            reference's fixed-feature baseline: a classifier on ``z[:, :m]``, ``dims=[m]``),
+            ``ff_projection`` (a learned projection to ``m`` dims, then a classifier) or ``none``: a pure
+            embedder (trained with an embedding loss: :mod:`mrl_vision.embedding_loss`) that still records
+            the ``num_classes`` and ``class_names`` it was trained on.
         dims: the sizes, ascending; default powers of two from 8 to the width, ending at the
             width (for ``ff``/``ff_projection``: ``[width]``, a standard model).
         backbone_kwargs: passed to ``timm.create_model`` (``img_size``, ``drop_path_rate``, ...).
@@ -117,7 +123,7 @@ class MatryoshkaModel(nn.Module):
         self,
         backbone: str = "resnet18",
         num_classes: int | None = None,
-        head: HeadKind = "mrl",
+        head: ModelHead = "mrl",
         dims: Sequence[int] | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
         blurpool: bool = False,
@@ -131,8 +137,8 @@ class MatryoshkaModel(nn.Module):
         std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if head not in HEAD_KINDS:
-            raise ValueError(f"unknown head {head!r}; choose one of {HEAD_KINDS}")
+        if head not in MODEL_HEADS:
+            raise ValueError(f"unknown head {head!r}; choose one of {MODEL_HEADS}")
         if class_names is not None:
             class_names = [str(c) for c in class_names]
             if num_classes is None or len(class_names) != num_classes:
@@ -150,7 +156,7 @@ class MatryoshkaModel(nn.Module):
         if layers is not None:
             self.truncate(layers)
         self.head: ClassifierHead | None
-        if num_classes is None:
+        if num_classes is None or head == "none":
             self.head = None
             self.dims = validate_dims(dims if dims is not None else default_dims(self.width), self.width)
         else:

@@ -15,15 +15,20 @@ from .heads import HEAD_LABELS
 from .model import upgrade_config
 
 
-def accuracy_rows(metrics: Mapping[str, float], prefix: str = "") -> list[dict]:
+RETRIEVAL_METRICS = ("recall", "knn_top1")
+"""The metric families of an embedding's per-size retrieval (:class:`mrl_vision.metrics.MatryoshkaRetrieval`)."""
+
+
+def accuracy_rows(metrics: Mapping[str, float], prefix: str = "", families: tuple[str, ...] = ("top",)) -> list[dict]:
     """Turn ``{"test/top1@8": 0.9, "test/top5@8": 0.99, ...}`` into rows sorted by size:
-    ``[{"dims": 8, "top1": 90.0, "top5": 99.0}, ...]`` (percent)."""
+    ``[{"dims": 8, "top1": 90.0, "top5": 99.0}, ...]`` (percent). ``families``: the metric names' beginnings
+    (:data:`RETRIEVAL_METRICS` for ``recall1@8``, ``knn_top1@8``, ...)."""
     rows: dict[int, dict] = {}
     for key, value in metrics.items():
         if not key.startswith(prefix):
             continue
         name = key[len(prefix):]
-        if "@" not in name or not name.startswith("top"):
+        if "@" not in name or not name.startswith(families):
             continue
         metric, size = name.split("@", 1)
         if not size.isdigit():
@@ -38,9 +43,10 @@ def format_table(rows: list[dict], title: str = "") -> str:
         return f"{title}\n(no per-size metrics)\n"
     cols = [c for c in rows[0] if c != "dims"]
     lines = [title] if title else []
-    lines.append("  dims " + "".join(f"{c + ' %':>10}" for c in cols))
+    widths = [max(10, len(c) + 3) for c in cols]
+    lines.append("  dims " + "".join(f"{c + ' %':>{w}}" for c, w in zip(cols, widths)))
     for r in rows:
-        lines.append(f"{r['dims']:>6} " + "".join(f"{r.get(c, float('nan')):>10.2f}" for c in cols))
+        lines.append(f"{r['dims']:>6} " + "".join(f"{r.get(c, float('nan')):>{w}.2f}" for c, w in zip(cols, widths)))
     return "\n".join(lines) + "\n"
 
 
@@ -66,7 +72,7 @@ def draw_accuracy(ax, curves: Mapping[str, list[dict]], metric: str = "top1", ti
         ax.set_xticks(sorted(sizes))
         ax.set_xticklabels([str(s) for s in sorted(sizes)], rotation=45)
     ax.set_xlabel("embedding dimensions")
-    ax.set_ylabel(f"{metric} accuracy (%)")
+    ax.set_ylabel(f"{metric} (%)" if metric.startswith(RETRIEVAL_METRICS) else f"{metric} accuracy (%)")
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
@@ -100,12 +106,14 @@ def plot_accuracy(curves: Mapping[str, list[dict]], path: str | os.PathLike, met
     _save(fig, path)
 
 
-def write_accuracy_report(rows: list[dict], out_dir: str | os.PathLike, stem: str = "test_accuracy", title: str = "") -> tuple[Path, Path]:
-    """Write ``{stem}.csv`` and ``{stem}.png`` into ``out_dir`` (both crash-safe); return their paths."""
+def write_accuracy_report(rows: list[dict], out_dir: str | os.PathLike, stem: str = "test_accuracy", title: str = "",
+                          metric: str = "top1") -> tuple[Path, Path]:
+    """Write ``{stem}.csv`` and ``{stem}.png`` (``metric`` against dims) into ``out_dir`` (both crash-safe);
+    return their paths."""
     out = Path(out_dir)
     csv_path, png_path = out / f"{stem}.csv", out / f"{stem}.png"
     atomic_write_text(csv_path, rows_to_csv(rows))
-    plot_accuracy({title or stem: rows}, png_path, title=title)
+    plot_accuracy({title or stem: rows}, png_path, metric=metric, title=title)
     return csv_path, png_path
 
 

@@ -230,6 +230,23 @@ def exact_search(
     return torch.cat(out_scores), torch.cat(out_indices)
 
 
+def leave_one_out_search(embeddings: torch.Tensor, k: int, chunk_size: int = 4096) -> torch.Tensor:
+    """Each row's ``k`` nearest *other* rows of the same set, best first: ``indices [N, k]`` (inner product;
+    normalise first). The deep-metric-learning protocol's search: every image of the evaluation set is a
+    query against all the others (Recall@K on classes unseen in training). A row is never its own neighbour,
+    even beside exact duplicates of itself."""
+    _check_matrix(embeddings, "embeddings")
+    n = embeddings.shape[0]
+    _check_int(k, "k")
+    if k >= n:
+        raise ValueError(f"k={k} leaves no room: a leave-one-out search of {n} rows has at most {n - 1} neighbours")
+    _, idx = exact_search(embeddings, embeddings, k + 1, chunk_size)
+    own = idx == torch.arange(n, device=idx.device).unsqueeze(1)
+    own[:, -1] |= ~own.any(1)  # more than k duplicates outrank the row itself: drop the last instead
+    order = own.to(torch.int8).argsort(dim=1, stable=True)[:, :k]  # the others first, in rank order
+    return idx.gather(1, order)
+
+
 # ----------------------------------------------------------------------------- indexes
 class SearchIndex:
     """A searchable set of (already normalised) vectors; made by :func:`build_index`.

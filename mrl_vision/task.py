@@ -13,9 +13,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 
+from .embedding_loss import EmbeddingLoss, view_ids
 from .losses import MatryoshkaLoss
 from .matryoshka2d import Matryoshka2d, Matryoshka2dLoss, grid_key, resolve_eval_layers
-from .metrics import MatryoshkaAccuracy
+from .metrics import MatryoshkaAccuracy, MatryoshkaRetrieval
 from .mixup import BatchMixing
 from .model import MatryoshkaModel, model_state, upgrade_config
 from .optim import build_optimizer, lr_factor
@@ -55,6 +56,14 @@ class MatryoshkaClassifier(L.LightningModule):
         eval_layers: the blocks of the (block, size) evaluation grid: validation and test log
             ``top1@L{k}/{m}`` for each earlier block k (the last block is ``top1@{m}``); default every
             block with ``matryoshka_2d``, none otherwise.
+        embedding_loss: Matryoshka training with an embedding loss (:class:`mrl_vision.embedding_loss.EmbeddingLoss`:
+            a pytorch-metric-learning loss on every prefix, e.g. ``{loss: SupConLoss}``): with ``head: none``
+            the model is a pure embedder trained by it alone; with a classifier head it is added to the
+            cross-entropy (times its ``weight``). Training batches may hold several views of each image
+            (``[N, V, 3, H, W]``, the data modules' ``views``). Validation and test then log per-size
+            retrieval within the split (``recall{K}@{m}``, ``knn_top1@{m}``: every image queries the others),
+            so they may hold classes unseen in training.
+        retrieval_recall_at: the K of the ``recall{K}@{m}`` metrics (a model with an embedding loss).
 
     Example::
 
@@ -86,9 +95,15 @@ class MatryoshkaClassifier(L.LightningModule):
         cutmix_alpha: float = 0.0,
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
+        embedding_loss: EmbeddingLoss | None = None,
+        retrieval_recall_at: list[int] = [1, 2, 4, 8],  # noqa: B006
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
+        embedding_loss = EmbeddingLoss.from_any(embedding_loss)  # (a mapping when loaded from a checkpoint)
+        if embedding_loss is not None and embedding_loss.seed is None:
+            embedding_loss.seed = int(torch.initial_seed()) % (2**31)  # recorded: a resumed run draws the same sizes
+        embedding_loss = None if embedding_loss is None else embedding_loss.as_dict()
         matryoshka_2d = Matryoshka2d.from_any(matryoshka_2d)  # (a mapping when loaded from a checkpoint)
         if matryoshka_2d is not None and matryoshka_2d.seed is None:
             matryoshka_2d.seed = int(torch.initial_seed()) % (2**31)  # recorded: a resumed run draws the same blocks
@@ -119,13 +134,30 @@ class MatryoshkaClassifier(L.LightningModule):
             self.model.backbone.requires_grad_(False)
             self.model.backbone.eval()
         dims = self.model.dims
+        self.classifier = self.model.head is not None
+        self.embedding_loss = None
+        if embedding_loss is not None:
+            if matryoshka_2d is not None:
+                raise ValueError("embedding_loss and matryoshka_2d cannot be combined yet: train one of them")
+            if mixup_alpha != 0 or cutmix_alpha != 0:
+                raise ValueError(f"embedding_loss needs hard labels, but Mixup/CutMix (mixup_alpha={mixup_alpha}, "
+                                 f"cutmix_alpha={cutmix_alpha}) makes soft ones: turn them off")
+            self.embedding_loss = EmbeddingLoss.from_any(embedding_loss).build(dims, self.model.width, num_classes)
+            self.embedding_weight = float(embedding_loss["weight"])
+            self.embedding_targets = embedding_loss["targets"]
+            self.val_retrieval = MatryoshkaRetrieval(dims, retrieval_recall_at)
+            self.test_retrieval = MatryoshkaRetrieval(dims, retrieval_recall_at)
+        elif not self.classifier:
+            raise ValueError("head 'none' trains no classifier: give model.embedding_loss (e.g. {loss: SupConLoss}) "
+                             "to train the embedding, or choose a classifier head")
         self.criterion = MatryoshkaLoss(len(dims), loss_weights, label_smoothing)
         self.mixing = None
         if mixup_alpha != 0 or cutmix_alpha != 0:
             self.mixing = BatchMixing(mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, num_classes)
-        self.train_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
-        self.val_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
-        self.test_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
+        if self.classifier:
+            self.train_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
+            self.val_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
+            self.test_acc = MatryoshkaAccuracy(dims, num_classes, top_k)
         self.layer_loss: Matryoshka2dLoss | None = None
         self.eval_layers: list[int] | None = None
         if matryoshka_2d is not None or eval_layers is not None:
@@ -141,6 +173,15 @@ class MatryoshkaClassifier(L.LightningModule):
             if grid:
                 self.val_grid_acc = MatryoshkaAccuracy(grid, num_classes, top_k)
                 self.test_grid_acc = MatryoshkaAccuracy(grid, num_classes, top_k)
+
+    def setup(self, stage: str) -> None:
+        """Before any step: a self-supervised loss (``targets: views``) needs data that gives several views of
+        each training image."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and self.embedding_loss is not None and self.embedding_targets == "views" \
+                and dm is not None and int(getattr(dm, "views", 1)) < 2:
+            raise ValueError(f"embedding_loss targets='views' contrasts the views of each image, but the data gives "
+                             f"{int(getattr(dm, 'views', 1))} view per image: set the data module's views to 2")
 
     def train(self, mode: bool = True) -> "MatryoshkaClassifier":
         """As ``nn.Module.train``, but a frozen backbone stays in eval mode (BatchNorm statistics, no dropout)."""
@@ -164,6 +205,8 @@ class MatryoshkaClassifier(L.LightningModule):
     # ----------------------------------------------------------------- steps
     def _shared_step(self, batch: Any, stage: str, batch_idx: int = 0) -> Any:
         x, y = batch[0], batch[1]
+        if x.ndim == 5 or self.embedding_loss is not None:
+            return self._embedding_step(x, y, stage)
         grid = None
         target = y  # the loss's target: soft under Mixup/CutMix; the accuracies keep y
         if stage == "train" and self.mixing is not None:
@@ -188,14 +231,67 @@ class MatryoshkaClassifier(L.LightningModule):
             logits, z = self.eval_outputs(x)
             loss = self.criterion(logits, y)
         getattr(self, f"{stage}_acc").update(logits.detach(), y)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True,
-                 prog_bar=stage == "train", batch_size=y.shape[0], sync_dist=stage != "train")
+        self._log_loss(stage, loss, y.shape[0])
         if stage == "train":
             return loss
         # for callbacks: the cascade reads the logits, KNNMonitor the embedding, the 2D cascade the grid
         out = {"loss": loss, "logits": logits.detach(), "target": y, "embedding": z.detach()}
         if grid is not None:
             out["layer_logits"] = grid.detach()  # [K, G, N, C] over eval_layers
+        return out
+
+    def _log_loss(self, stage: str, loss: torch.Tensor, batch_size: int, name: str = "loss") -> None:
+        self.log(f"{stage}/{name}", loss, on_step=stage == "train" and name == "loss", on_epoch=True,
+                 prog_bar=stage == "train" and name == "loss", batch_size=batch_size, sync_dist=stage != "train")
+
+    def _embedding_step(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> Any:
+        """A step with the embedding loss (and the cross-entropy of a classifier head): training batches may
+        hold ``V`` views of each image (``[N, V, 3, H, W]``); evaluation scores retrieval within the split."""
+        if self.embedding_loss is None:
+            raise ValueError(f"a batch of several views per image ({list(x.shape)}) needs model.embedding_loss "
+                             "(a contrastive loss between the views); set the data's views to 1 otherwise")
+        n, views = x.shape[0], 1
+        if x.ndim == 5:
+            if stage != "train":
+                raise ValueError(f"{stage} batches must hold one view per image, got {list(x.shape)}")
+            views = x.shape[1]
+            x = x.flatten(0, 1)  # image-major: the views of image i are rows i*V ... i*V + V-1
+        labels = y.repeat_interleave(views) if views > 1 else y
+        if stage == "train":
+            z = self.model.features(x)
+            if self.embedding_targets == "views":
+                targets = view_ids(n, views, self.global_rank, self.trainer.world_size if self._trainer else 1, x.device)
+            else:
+                targets = labels
+            loss = metric = self.embedding_loss(z, targets, step=self.global_step)
+            if self.classifier:
+                logits = self.model.head(z)
+                ce = self.criterion(logits, labels)
+                loss = ce + self.embedding_weight * metric
+                self.train_acc.update(logits.detach(), labels)
+                self._log_loss(stage, ce, labels.shape[0], "loss_ce")
+            self._log_loss(stage, metric, labels.shape[0], "loss_embedding")
+            self._log_loss(stage, loss, labels.shape[0])
+            return loss
+        if self.classifier:
+            logits, z = self.eval_outputs(x)
+            getattr(self, f"{stage}_acc").update(logits.detach(), y)
+            loss = self.criterion(logits, y)
+        else:
+            z, logits = self.model.features(x), None
+            loss = None
+        if self.embedding_targets == "labels" and n > 1:  # (instance ids of single views have no positives)
+            metric = self.embedding_loss(z, y, every_size=True, gather=False)
+            self._log_loss(stage, metric, n, "loss_embedding")
+            loss = metric if loss is None else loss + self.embedding_weight * metric
+        if loss is not None:
+            self._log_loss(stage, loss, n)
+        getattr(self, f"{stage}_retrieval").update(z.detach(), y)
+        out = {"target": y, "embedding": z.detach()}
+        if loss is not None:
+            out["loss"] = loss
+        if logits is not None:
+            out["logits"] = logits.detach()
         return out
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -212,6 +308,9 @@ class MatryoshkaClassifier(L.LightningModule):
         ``adaptive_predict`` the cascade's ``adaptive_pred`` and ``adaptive_dims`` (the size that
         decided), both ``[N]``; plus ``target`` when the batch carries labels."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if not self.classifier:
+            raise ValueError("predict classifies, but this model has no classifier head (head 'none'): write its "
+                             "embeddings with mrl-vision embed, and search them with mrl-vision retrieve")
         if self.hparams.adaptive_predict:
             preds, sizes = self.model.predict_adaptive(x, flip_tta=self.hparams.eval_flip_tta)
             out = {"adaptive_pred": preds, "adaptive_dims": sizes}
@@ -223,8 +322,8 @@ class MatryoshkaClassifier(L.LightningModule):
         return out
 
     def _log_accuracy(self, stage: str) -> None:
-        for name in (f"{stage}_acc", f"{stage}_grid_acc"):
-            metric: MatryoshkaAccuracy | None = getattr(self, name, None)
+        for name in (f"{stage}_acc", f"{stage}_grid_acc", f"{stage}_retrieval"):
+            metric: MatryoshkaAccuracy | MatryoshkaRetrieval | None = getattr(self, name, None)
             if metric is None:
                 continue
             if metric.update_called:
@@ -236,9 +335,9 @@ class MatryoshkaClassifier(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
-            self.val_acc.reset()
-            if hasattr(self, "val_grid_acc"):
-                self.val_grid_acc.reset()
+            for name in ("val_acc", "val_grid_acc", "val_retrieval"):
+                if hasattr(self, name):
+                    getattr(self, name).reset()
         else:
             self._log_accuracy("val")
 
@@ -260,6 +359,9 @@ class MatryoshkaClassifier(L.LightningModule):
         hp = self.hparams
         trained = self.model.head if hp.get("freeze_backbone", False) else self.model
         opt = build_optimizer(trained, hp.optimizer, hp.lr, hp.weight_decay, hp.momentum, hp.nesterov, hp.layer_decay)
+        extra = [p for p in self.embedding_loss.parameters() if p.requires_grad] if self.embedding_loss is not None else []
+        if extra:  # a loss's own parameters (ArcFace's class centres, one set per size): at the top LR
+            opt.add_param_group({"params": extra, "lr": hp.lr, "weight_decay": hp.weight_decay})
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(round(hp.warmup_epochs * self._optimizer_steps_per_epoch(total)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(hp.lr_schedule, total, warmup))

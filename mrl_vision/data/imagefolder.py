@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .base import MatryoshkaDataModule, require_at_least
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, check_views, eval_transform, multi_view, train_transform
 
 Sample = tuple[str, int]
 IMAGE_TYPES = f"({', '.join(IMG_EXTENSIONS[:4])}, ...)"  # for messages
@@ -185,6 +185,10 @@ class ImageFolderDataModule(MatryoshkaDataModule):
         auto_augment / random_erasing: training augmentation per image (:mod:`mrl_vision.data.augment`):
             ``"rand-m9-n2"`` (RandAugment), ``"trivial"`` (TrivialAugmentWide) or None; the probability of
             erasing a rectangle with noise after normalisation (e.g. 0.25).
+        views: training samples are this many independent augmentations of each image, ``[V, 3, H, W]``
+            (2 for SimCLR's NT-Xent or supervised contrastive learning: ``model.embedding_loss``).
+        color_jitter / grayscale: SimCLR's colour distortion (:func:`mrl_vision.data.transforms.train_transform`):
+            jitter strength (SimCLR: 1.0 on ImageNet, 0.5 on small images) and grey-scale probability (0.2).
 
     The folders are checked when the module is built, so a missing or empty directory fails
     before any model is created. ``sample_names(split)`` names each sample's file.
@@ -220,9 +224,13 @@ class ImageFolderDataModule(MatryoshkaDataModule):
         predict_dir: str | None = None,
         auto_augment: str | None = None,
         random_erasing: float = 0.0,
+        views: int = 1,
+        color_jitter: float = 0.0,
+        grayscale: float = 0.0,
     ) -> None:
         super().__init__()
         require_at_least(1, batch_size=batch_size, image_size=image_size)
+        self.views = check_views(views)
         if val_fraction is not None and not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         mean, std = [float(v) for v in mean], [float(v) for v in std]  # hparams: YAML lists
@@ -236,8 +244,9 @@ class ImageFolderDataModule(MatryoshkaDataModule):
             self.split_dirs["predict"] = self.predict_dir
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.input_size, self.mean, self.std = image_size, mean, std
-        self.train_tf = train_transform(image_size, mean, std, scale=tuple(rrc_scale), hflip=hflip,
-                                        auto_augment=auto_augment, random_erasing=random_erasing)
+        self.train_tf = multi_view(train_transform(image_size, mean, std, scale=tuple(rrc_scale), hflip=hflip,
+                                                   auto_augment=auto_augment, random_erasing=random_erasing,
+                                                   color_jitter=color_jitter, grayscale=grayscale), views)
         self.eval_tf = eval_transform(image_size, eval_crop_ratio, mean, std)
         self.skipped: dict[str, list[str]] = {}
         """The unreadable images left out (``skip_unreadable``), by split."""

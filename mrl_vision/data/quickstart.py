@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import MatryoshkaDataModule, require_at_least
-from .transforms import eval_transform, train_transform
+from .transforms import check_views, eval_transform, multi_view, train_transform
 
 MNIST_MEAN = (0.1307,) * 3
 MNIST_STD = (0.3081,) * 3
@@ -68,6 +68,8 @@ class QuickstartDataModule(MatryoshkaDataModule):
         val_fraction / test_fraction: of each class, held out with a fixed ``seed``.
         augment: RandomResizedCrop (scale 0.6-1) for training; no flips (digits are not symmetric).
         num_workers: DataLoader workers.
+        views: training samples are this many independent augmentations of each digit, ``[V, 3, H, W]``
+            (2 for supervised contrastive or SimCLR training: ``model.embedding_loss``).
 
     Example::
 
@@ -87,9 +89,11 @@ class QuickstartDataModule(MatryoshkaDataModule):
         seed: int = 0,
         augment: bool = True,
         num_workers: int = 0,
+        views: int = 1,
     ) -> None:
         super().__init__()
         require_at_least(1, batch_size=batch_size)
+        self.views = check_views(views)
         require_at_least(8, image_size=image_size)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(
@@ -110,6 +114,7 @@ class QuickstartDataModule(MatryoshkaDataModule):
         self.train_tf = self.eval_tf
         if hp.augment:
             self.train_tf = train_transform(hp.image_size, MNIST_MEAN, MNIST_STD, scale=(0.6, 1.0), ratio=(0.85, 1.18), hflip=0.0)
+        self.train_tf = multi_view(self.train_tf, self.views)
         for name, idx in zip(self.splits, split):
             self.datasets[name] = DigitsDataset(images[idx], labels[idx], self.train_tf if name == "train" else self.eval_tf)
 
