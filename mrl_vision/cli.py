@@ -122,6 +122,8 @@ class MRLCLI(LightningCLI):
     def _check_classes(self) -> None:
         """The checkpoint's classes must be the data's: same count, same names in the same order."""
         saved, dm = self.ckpt_hparams, self.datamodule
+        if saved and saved.get("head") == "none":  # an embedder records its classes; retrieval may use others
+            return
         if saved and dm is not None:
             try:
                 check_same_classes(saved.get("num_classes"), saved.get("class_names"), dm.class_names)

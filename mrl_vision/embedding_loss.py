@@ -216,6 +216,7 @@ class MatryoshkaEmbeddingLoss(nn.Module):
                                         or num_classes < 1):
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         self.register_buffer("weights", torch.tensor(weights), persistent=False)
+        self._weights = weights  # (on the host: no device sync to skip a size of weight 0)
         self.n_dims_per_step = n_dims_per_step
         self.normalize = bool(normalize)
         self.gather = bool(gather)
@@ -314,7 +315,8 @@ class MatryoshkaEmbeddingLoss(nn.Module):
         if self.gather if gather is None else gather:
             embeddings, labels = gather_batch(embeddings, labels)
         out = {}
-        for i in range(len(self.dims)) if every_size else self.step_sizes(step):
+        sizes = range(len(self.dims)) if every_size else [i for i in self.step_sizes(step) if self._weights[i] > 0]
+        for i in sizes:  # (a size of weight 0 is not computed in training: the plain model of a comparison)
             m = self.dims[i]
             z = embeddings[:, :m].float()
             if self.normalize:
@@ -326,7 +328,7 @@ class MatryoshkaEmbeddingLoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int | None = None,
                 every_size: bool = False, gather: bool | None = None) -> torch.Tensor:
         parts = self.per_size(embeddings, labels, step, every_size, gather)
-        weight = {m: w for m, w in zip(self.dims, self.weights.tolist())}
+        weight = dict(zip(self.dims, self._weights))
         return sum(weight[m] * v for m, v in parts.items())
 
     def extra_repr(self) -> str:

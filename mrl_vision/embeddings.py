@@ -580,6 +580,8 @@ def main(args: Sequence[str]) -> dict | None:
             "data": data_source(dm, a.split),
             "split": a.split,
         }
+        if getattr(dm, "open_set", False):  # the split's labels name classes of its own (unseen in training)
+            meta["label_names"] = list(dm.split_class_names(a.split))
         writer = EmbeddingWriter(a.out, a.dtype, a.shard_size, a.overwrite, count, meta)
         trainer = L.Trainer(
             accelerator=a.accelerator, devices=a.devices, num_nodes=a.num_nodes, strategy=a.strategy,

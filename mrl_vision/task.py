@@ -176,8 +176,11 @@ class MatryoshkaClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Before any step: a self-supervised loss (``targets: views``) needs data that gives several views of
-        each training image."""
+        each training image; open-set data (evaluation classes of their own) needs an embedder."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.classifier and getattr(dm, "open_set", False):
+            raise ValueError("the data's evaluation splits hold classes of their own (open_set=True), which a "
+                             "classifier head cannot score: train an embedder (head: none, with an embedding_loss)")
         if stage == "fit" and self.embedding_loss is not None and self.embedding_targets == "views" \
                 and dm is not None and int(getattr(dm, "views", 1)) < 2:
             raise ValueError(f"embedding_loss targets='views' contrasts the views of each image, but the data gives "

@@ -139,3 +139,16 @@ def test_tiny_compare_table_reads_every_column(tmp_path: Path) -> None:
     assert cols["MRL 1-NN"] == {8: 8.3} and cols["MRL mAP@10"] == {8: 3.99} and cols["standard 1-NN"] == {}
     lines = mod.table(tmp_path).splitlines()
     assert lines[2].startswith("| 8 | 16.20 |  | 17.90 | 7.00 | 19.90 |")
+
+
+def test_embedding_loss_overhead_quick(capsys) -> None:
+    """benchmarks/embedding_loss_overhead.py --quick: every variant timed, ratios to the base loss printed."""
+    spec = importlib.util.spec_from_file_location("embedding_loss_overhead",
+                                                  REPO_ROOT / "benchmarks" / "embedding_loss_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ratios = module.main(["--quick", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert set(ratios) == {"base", "matryoshka (5 sizes)", "matryoshka (2 sizes per step)"}
+    assert ratios["base"] == 1.0 and all(math.isfinite(r) and r > 0 for r in ratios.values())
+    assert "the loss alone" in out and "x base" in out

@@ -123,3 +123,28 @@ def test_image_folders_give_several_views(jpeg_tree):
                        ({"grayscale": -0.1}, "grayscale")):
         with pytest.raises(ValueError, match=named):
             ImageFolderDataModule(str(jpeg_tree), image_size=32, batch_size=4, num_workers=0, **bad)
+
+
+def test_open_set_folders_label_evaluation_splits_by_their_own_classes(tmp_path, monkeypatch):
+    """The deep-metric-learning protocol: train on cat/dog/fox, retrieve among owl/yak; a classifier refuses."""
+    from conftest import write_jpeg_tree
+
+    write_jpeg_tree(tmp_path / "a", classes=("cat", "dog", "fox"), train_per_class=6, val_per_class=1)
+    write_jpeg_tree(tmp_path / "b", classes=("owl", "yak"), train_per_class=1, val_per_class=5, seed=1)
+    root = tmp_path / "a"
+    (root / "val").rename(tmp_path / "unused")
+    (tmp_path / "b" / "val").rename(root / "val")
+    dm = ImageFolderDataModule(str(root), image_size=32, batch_size=4, num_workers=0, open_set=True)
+    assert dm.class_names == ["cat", "dog", "fox"] and dm.split_class_names("val") == ["owl", "yak"]
+    with pytest.raises(ValueError, match="lacks"):
+        ImageFolderDataModule(str(root), image_size=32, batch_size=4, num_workers=0).dataset("val")
+    data = ["--data", "mrl_vision.data.ImageFolderDataModule", "--data.root", str(root), "--data.image_size", "32",
+            "--data.batch_size", "6", "--data.num_workers", "0", "--data.open_set", "true", "--data.views", "2"]
+    args = ["fit", "--config", str(SUPCON), *FAST, *data, "--trainer.limit_train_batches", "1"]
+    c = _cli(args, tmp_path, monkeypatch)
+    c.log_dir = c.trainer.log_dir
+    rows = _metrics(c)
+    assert any(r.get("val/recall1@8") for r in rows)
+    with pytest.raises(ValueError, match="open_set"):
+        _cli([*args[:2], str(CONFIG_DIR / "quickstart.yaml"), *args[3:], "--trainer.callbacks", "[]",
+              "--model.head", "mrl", "--model.embedding_loss", "null"], tmp_path, monkeypatch)

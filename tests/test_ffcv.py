@@ -886,3 +886,32 @@ def test_tinyimagenet_recipe_instantiates(variant, head, dims, colours, run_dir)
     assert len(ema) == 1 and ema[0].decay == 0.9998
     cascade = [cb for cb in c.trainer.callbacks if isinstance(cb, AdaptiveClassificationCallback)]
     assert cascade[0].confidence == 0.95
+
+
+def test_training_views_are_independent_crops_of_the_same_image(colours, jpeg_tree, tmp_path):
+    """views=2: every training sample comes as two crops of one image (its colour), each view with its own
+    seeded draws; the label is the image's; evaluation keeps one view."""
+    dm = make_dm(colours, views=2, order="sequential", rrc_scale=(0.08, 0.3))
+    batches = []
+    for batch in dm.train_dataloader():
+        x, y = dm.on_after_batch_transfer(list(batch), 0)
+        batches.append((x.clone(), y.clone()))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert x.shape == (15, 2, 3, 32, 32) and y.tolist() == [LABEL[c] for c, _ in TRAIN_ORDER]
+    for v in range(2):  # both views of sample i are crops of image i (constant colour: same pixels)
+        assert [identify(img) for img in to_pixels(x[:, v].contiguous())] == TRAIN_ORDER
+    one = make_dm(colours, order="sequential", rrc_scale=(0.08, 0.3))
+    x1 = torch.cat([dm.on_after_batch_transfer(list(b), 0)[0].clone() for b in one.train_dataloader()])
+    torch.testing.assert_close(x1, x[:, 0])  # view 0 is what one view gives: the same seed
+    # on images of random pixels the two views differ (their own crops and flips)
+    main(["prepare", str(jpeg_tree / "train"), str(tmp_path / "noise.beton"), "--num-workers", "1"])
+    noise = FFCVDataModule(train_path=str(tmp_path / "noise.beton"), image_size=32, batch_size=4, num_workers=1,
+                           views=2)
+    xn, _ = noise.on_after_batch_transfer(list(next(iter(noise.train_dataloader()))), 0)
+    assert xn.shape == (4, 2, 3, 32, 32)
+    assert all(not torch.equal(xn[i, 0], xn[i, 1]) for i in range(4))
+    xv, yv = dm.on_after_batch_transfer(list(next(iter(dm.val_dataloader()))), 0)
+    assert xv.shape == (4, 3, 24, 24)
+    with pytest.raises(ValueError, match="views"):
+        make_dm(colours, views=0)

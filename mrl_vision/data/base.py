@@ -95,6 +95,8 @@ class MatryoshkaDataModule(L.LightningDataModule):
     """Drop the last incomplete training batch."""
     pin_memory: bool = False
     """Pin host memory of the batches (when CUDA is available)."""
+    open_set: bool = False
+    """Whether the evaluation splits are labelled by classes of their own (retrieval on unseen classes)."""
 
     @property
     def num_classes(self) -> int:
@@ -115,6 +117,9 @@ class MatryoshkaDataModule(L.LightningDataModule):
 
     def _trainer_attached(self) -> bool:
         return getattr(self, "trainer", None) is not None
+
+    def _training(self) -> bool:
+        return self._trainer_attached() and bool(self.trainer.training)
 
     def _check_split(self, split: str, allow_predict: bool = False) -> None:
         # ``predict`` (what predict_dataloader reads) is a split of eval_dataloader only
@@ -187,7 +192,8 @@ class MatryoshkaDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # checks (images, labels) pairs; a batch of images alone (unlabeled predict data) passes as it is
+        # (open-set evaluation splits carry labels of their own classes, from their folders)
         if isinstance(batch, (list, tuple)) and len(batch) >= 2 and torch.is_tensor(batch[1]):
-            if batch[1].device.type == "cpu":
+            if batch[1].device.type == "cpu" and not (self.open_set and not self._training()):
                 check_labels(batch[1], self.num_classes)
         return batch

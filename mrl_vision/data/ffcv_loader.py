@@ -28,9 +28,14 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from .base import MatryoshkaDataModule, check_subset, require_at_least
 from .beton import check_beton, require_ffcv
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, check_views
 
 ORDERS = ("random", "quasi_random", "sequential")
+
+
+def view_seed(seed: int, view: int) -> int:
+    """The seed of training view ``view`` (0: ``seed`` itself), so that each view draws its own crops and flips."""
+    return (int(seed) + 1_000_003 * int(view)) % (2**31)
 
 
 def precision_dtype(precision: str | int | None) -> torch.dtype:
@@ -80,6 +85,9 @@ class FFCVDataModule(MatryoshkaDataModule):
         seed: seed of the training order and augmentation (the same on every rank, so shards do not
             overlap): epoch ``e`` shuffles with ``seed + e``, and each sample's crop and flip are a
             function of (``seed``, ``e``, its index in the file), independent of threads and ranks.
+        views: training samples are this many independent crops and flips of each image (``[N, V, 3, H, W]``
+            after transfer): 2 for SimCLR's NT-Xent or supervised contrastive learning (``model.embedding_loss``).
+            Each view is one more FFCV pipeline on the image field, with its own seed (:func:`view_seed`).
 
     Example::
 
@@ -117,9 +125,11 @@ class FFCVDataModule(MatryoshkaDataModule):
         verify_checksum: bool | None = None,
         auto_augment: str | None = None,
         random_erasing: float = 0.0,
+        views: int = 1,
     ) -> None:
         super().__init__()
         require_ffcv()
+        self.views = check_views(views)
         from .augment import BatchAugment
 
         self.batch_augment = BatchAugment(auto_augment, random_erasing)  # checks both before any file is read
@@ -189,6 +199,7 @@ class FFCVDataModule(MatryoshkaDataModule):
         only, in this order (sharded over the list)."""
         from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
         from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         from .ffcv_ops import SeededLoader, SeededRandomHorizontalFlip, SeededRandomResizedCropRGBImageDecoder
@@ -201,25 +212,36 @@ class FFCVDataModule(MatryoshkaDataModule):
         distributed = self._distributed()
         if train and hp.order == "quasi_random" and distributed:
             raise ValueError("order='quasi_random' does not work under DDP (distributed=True); use order='random'")
-        if train:  # seeded: crops and flips from (seed, epoch, sample index); SeededLoader sets the epoch
-            decoder = SeededRandomResizedCropRGBImageDecoder(
-                (self.image_size, self.image_size), scale=tuple(hp.rrc_scale), ratio=tuple(hp.rrc_ratio), seed=hp.seed
-            )
-            self._decoders.append(decoder)
-            image = [decoder] + ([SeededRandomHorizontalFlip(seed=hp.seed)] if hp.hflip else [])
-        else:
-            image = [CenterCropRGBImageDecoder((hp.eval_image_size, hp.eval_image_size), ratio=hp.eval_crop_ratio)]
         label = [IntDecoder(), ToTensor(), Squeeze(1)]  # dim 1 only: a batch of one stays [1]
         device = self._device()
-        if device.type != "cuda" and not (train and self.batch_augment.active):
-            # On the CPU, normalise in FFCV's JIT op: it runs in the loader threads, ahead of the
-            # step, into buffers FFCV reuses (a torch op per batch would allocate fresh memory).
-            image.append(NormalizeImage(self._mean.numpy(), self._std.numpy(), np.float32))
-        image.append(ToTensor())  # every JIT op above, every torch op below
-        if device.type == "cuda":  # uint8 crosses the bus; normalised on the GPU
-            image.append(ToDevice(device, non_blocking=True))
+
+        def image_pipeline(view: int = 0) -> list:
+            if train:  # seeded: crops and flips from (seed, epoch, sample index); SeededLoader sets the epoch
+                seed = view_seed(hp.seed, view)
+                decoder = SeededRandomResizedCropRGBImageDecoder(
+                    (self.image_size, self.image_size), scale=tuple(hp.rrc_scale), ratio=tuple(hp.rrc_ratio), seed=seed
+                )
+                self._decoders.append(decoder)
+                ops = [decoder] + ([SeededRandomHorizontalFlip(seed=seed)] if hp.hflip else [])
+            else:
+                ops = [CenterCropRGBImageDecoder((hp.eval_image_size, hp.eval_image_size), ratio=hp.eval_crop_ratio)]
+            if device.type != "cuda" and not (train and self.batch_augment.active):
+                # On the CPU, normalise in FFCV's JIT op: it runs in the loader threads, ahead of the
+                # step, into buffers FFCV reuses (a torch op per batch would allocate fresh memory).
+                ops.append(NormalizeImage(self._mean.numpy(), self._std.numpy(), np.float32))
+            ops.append(ToTensor())  # every JIT op above, every torch op below
+            if device.type == "cuda":  # uint8 crosses the bus; normalised on the GPU
+                ops.append(ToDevice(device, non_blocking=True))
+            ops.append(ToTorchImage(channels_last=True))
+            return ops
+
+        image = image_pipeline()
+        if device.type == "cuda":
             label.append(ToDevice(device, non_blocking=True))
-        image.append(ToTorchImage(channels_last=True))
+        pipelines: dict[str, Any] = {"image": image, "label": label}
+        for view in range(1, self.views if train else 1):  # more outputs of the same field: (image, label, image_1, ...)
+            ops = image_pipeline(view)
+            pipelines[f"image_{view}"] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
         order = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}.get(hp.order, OrderOption.SEQUENTIAL)
         indices = None
         if subset is not None:
@@ -246,7 +268,7 @@ class FFCVDataModule(MatryoshkaDataModule):
             seed=hp.seed,
             drop_last=hp.drop_last if train else False,
             batches_ahead=hp.batches_ahead,
-            pipelines={"image": image, "label": label},
+            pipelines=pipelines,
         )
 
     def train_dataloader(self) -> "LazyEpochs":
@@ -295,12 +317,19 @@ class FFCVDataModule(MatryoshkaDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, *rest = batch
-        if images.dtype == torch.uint8:
-            dtype = precision_dtype(self.trainer.precision) if self._trainer_attached() else torch.float32
-            if self.batch_augment.active and self._trainer_attached() and self.trainer.training:
-                images = self.batch_augment(images, lambda im: self.normalize(im, dtype))
-            else:
-                images = self.normalize(images, dtype)
+        views = [images]
+        if self.views > 1 and len(rest) == self.views:  # a training batch of views: (image, label, image_1, ...)
+            views += rest[1:]
+            rest = rest[:1]
+        training = self._trainer_attached() and self.trainer.training
+        dtype = precision_dtype(self.trainer.precision) if self._trainer_attached() else torch.float32
+        for i, view in enumerate(views):
+            if view.dtype == torch.uint8:
+                if self.batch_augment.active and training:
+                    views[i] = self.batch_augment(view, lambda im: self.normalize(im, dtype))
+                else:
+                    views[i] = self.normalize(view, dtype)
+        images = views[0] if len(views) == 1 else torch.stack(views, 1)  # [N, V, 3, H, W] (a copy)
         # FFCV reuses its output buffers for later batches: labels kept past this step must be copies.
         return [images, *(t.clone() if torch.is_tensor(t) else t for t in rest)]
 

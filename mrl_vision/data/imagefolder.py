@@ -189,6 +189,10 @@ class ImageFolderDataModule(MatryoshkaDataModule):
             (2 for SimCLR's NT-Xent or supervised contrastive learning: ``model.embedding_loss``).
         color_jitter / grayscale: SimCLR's colour distortion (:func:`mrl_vision.data.transforms.train_transform`):
             jitter strength (SimCLR: 1.0 on ImageNet, 0.5 on small images) and grey-scale probability (0.2).
+        open_set: the validation and test splits hold classes of their own (the deep-metric-learning protocol:
+            train on some classes, retrieve among unseen ones), each split labelled by its own class folders,
+            sorted (``split_class_names``); ``class_names`` stay the training split's. For embedders
+            (``head: none``), whose evaluation is retrieval within the split.
 
     The folders are checked when the module is built, so a missing or empty directory fails
     before any model is created. ``sample_names(split)`` names each sample's file.
@@ -227,6 +231,7 @@ class ImageFolderDataModule(MatryoshkaDataModule):
         views: int = 1,
         color_jitter: float = 0.0,
         grayscale: float = 0.0,
+        open_set: bool = False,
     ) -> None:
         super().__init__()
         require_at_least(1, batch_size=batch_size, image_size=image_size)
@@ -250,6 +255,10 @@ class ImageFolderDataModule(MatryoshkaDataModule):
         self.eval_tf = eval_transform(image_size, eval_crop_ratio, mean, std)
         self.skipped: dict[str, list[str]] = {}
         """The unreadable images left out (``skip_unreadable``), by split."""
+        self._split_classes: dict[str, list[str]] = {}
+        if open_set and val_fraction is not None:
+            raise ValueError(f"open_set=True evaluates on classes of their own, but val_fraction={val_fraction} holds "
+                             "out images of the training classes: give val_dir (and test_dir) folders instead")
 
         ref = "train" if train_path.is_dir() or val_fraction is not None else "val"
         self.class_names, samples = scan_split(self.split_dirs[ref], allow_empty_classes=allow_empty_classes)
@@ -302,8 +311,22 @@ class ImageFolderDataModule(MatryoshkaDataModule):
                     raise FileNotFoundError(f"predict_dir {str(path)!r} holds no images {IMAGE_TYPES}")
                 self._samples[split] = self._readable(split, [(p, -1) for p in files])
             else:
-                self._samples[split] = self._readable(split, scan_split(path, self.class_to_idx)[1])
+                own = self.hparams.open_set and split != "train"
+                classes, samples = scan_split(path, None if own else self.class_to_idx)
+                self._split_classes[split] = classes if own else self.class_names
+                self._samples[split] = self._readable(split, samples)
         return self._samples[split]
+
+    def split_class_names(self, split: str) -> list[str]:
+        """The class of each label of ``split``: the training classes, or with ``open_set`` the split's own."""
+        self._check_split(split)
+        self._split_samples(split)
+        return self._split_classes.get(split, self.class_names)
+
+    @property
+    def open_set(self) -> bool:
+        """Whether the evaluation splits are labelled by their own classes (see ``open_set``)."""
+        return bool(self.hparams.open_set)
 
     def dataset(self, split: str, evaluate: bool | None = None) -> FolderDataset:
         """The dataset of ``train``, ``val`` or ``test`` (checked when first asked for), with the
