@@ -132,14 +132,19 @@ retrieval-tiny: $(STAMP)
 # the cascade fitted on validation and scored on test; 1-NN / mAP@10 retrieval per size; one report.
 # About 3 hours on 2 cores one model at a time (two at a time with OMP_NUM_THREADS=1: about 1.5 hours).
 # Data: data/tiny100h-ffcv/{train,val,test}.beton (see the config's header). TC_RUNS picks a subset of models.
-TC := runs/tiny-compare
-TC_CFG := --config configs/tinyimagenet/cpu_subset.yaml
+# TC_ARGS adds fit options (the longer run: TC=runs/tiny-compare-e30 TC_ARGS="--trainer.max_epochs 30");
+# TC_CASCADE names the runs whose cascade is evaluated.
+TC ?= runs/tiny-compare
+TC_ARGS ?=
+TC_CFG = --config configs/tinyimagenet/cpu_subset.yaml --trainer.logger.init_args.save_dir $(patsubst %/,%,$(dir $(TC))) \
+	--trainer.logger.init_args.name $(notdir $(TC))
 TC_RUNS ?= mrl:mrl:null mrl_e:mrl_e:null standard:ff:null ff8:ff:[8] ff16:ff:[16] ff32:ff:[32] ff64:ff:[64] ff128:ff:[128]
+TC_CASCADE ?= mrl mrl_e
 TC_PROBE := --weight-decay 0 1e-4 1e-3 1e-2 --select-split val --fit-split train --eval-split test
 tiny-compare: $(STAMP)
 	test -f data/tiny100h-ffcv/test.beton || { echo "data/tiny100h-ffcv missing: see configs/tinyimagenet/cpu_subset.yaml"; exit 1; }
 	set -f; for run in $(TC_RUNS); do set -- $$(echo $$run | tr : ' '); name=$$1; head=$$2; dims=$$3; \
-		test -f $(TC)/$$name/checkpoints/last.ckpt || $(MRL) fit $(TC_CFG) --model.head $$head --model.dims "$$dims" \
+		test -f $(TC)/$$name/checkpoints/last.ckpt || $(MRL) fit $(TC_CFG) $(TC_ARGS) --model.head $$head --model.dims "$$dims" \
 			--trainer.logger.init_args.version $$name || exit 1; \
 		$(MRL) test $(TC_CFG) --ckpt_path $(TC)/$$name/checkpoints/last.ckpt --trainer.logger.init_args.version $$name-test \
 			|| exit 1; done
@@ -147,7 +152,7 @@ tiny-compare: $(STAMP)
 
 tiny-compare-analysis: $(STAMP)
 	for name in standard mrl; do $(MRL) truncate --ckpt_path $(TC)/$$name $(TC_PROBE) --out $(TC)/$$name-probes || exit 1; done
-	for name in mrl mrl_e; do $(PY) benchmarks/cascade_eval.py $(TC)/$$name --json $(TC)/$$name-cascade.json || exit 1; done
+	for name in $(TC_CASCADE); do $(PY) benchmarks/cascade_eval.py $(TC)/$$name --json $(TC)/$$name-cascade.json || exit 1; done
 	for name in mrl standard; do for split in train test; do \
 		$(MRL) embed --ckpt_path $(TC)/$$name --split $$split --out $(TC)/emb/$$name-$$split --overwrite || exit 1; done; \
 		$(MRL) retrieve --database $(TC)/emb/$$name-train --queries $(TC)/emb/$$name-test --dims 8 16 32 64 128 256 512 \
