@@ -30,7 +30,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .heads import validate_dims
+from .options import options_from_mapping
 
 TARGETS = ("labels", "views")
 
@@ -124,17 +125,9 @@ class EmbeddingLoss:
     @classmethod
     def from_any(cls, value: "EmbeddingLoss | dict[str, Any] | str | None") -> "EmbeddingLoss | None":
         """The options from a dataclass, a mapping (a checkpoint's hyperparameters), a loss name, or ``None``."""
-        if value is None or isinstance(value, cls):
-            return value
         if isinstance(value, str):
             return cls(loss=value)
-        if not isinstance(value, dict):
-            raise ValueError(f"embedding_loss must be a mapping of options or a loss name, got {value!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown embedding_loss option(s) {unknown}; the options are {sorted(known)}")
-        return cls(**value)
+        return options_from_mapping(cls, value, "embedding_loss")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

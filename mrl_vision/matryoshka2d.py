@@ -21,7 +21,7 @@ logits at every size (``kl_on``). Everything comes from one forward pass.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Sequence
 
 import torch
@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .losses import MatryoshkaLoss
+from .options import options_from_mapping
 
 LAYER_WEIGHTINGS = ("uniform", "linear", "log")
 KL_TARGETS = ("embeddings", "logits")
@@ -72,15 +73,7 @@ class Matryoshka2d:
     @classmethod
     def from_any(cls, value: "Matryoshka2d | dict[str, Any] | None") -> "Matryoshka2d | None":
         """The options from a dataclass, a mapping (a checkpoint's hyperparameters) or ``None``."""
-        if value is None or isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"matryoshka_2d must be a mapping of options, got {value!r}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown matryoshka_2d option(s) {unknown}; the options are {sorted(known)}")
-        return cls(**value)
+        return options_from_mapping(cls, value, "matryoshka_2d")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
