@@ -139,6 +139,9 @@ class MatryoshkaClassifier(L.LightningModule):
         if embedding_loss is not None:
             if matryoshka_2d is not None:
                 raise ValueError("embedding_loss and matryoshka_2d cannot be combined yet: train one of them")
+            if self.model.head_kind == "ff_projection":
+                raise ValueError("embedding_loss trains prefixes of the backbone's embedding, but an ff_projection "
+                                 "head embeds through its own projection: use head ff, mrl, mrl_e or none")
             if mixup_alpha != 0 or cutmix_alpha != 0:
                 raise ValueError(f"embedding_loss needs hard labels, but Mixup/CutMix (mixup_alpha={mixup_alpha}, "
                                  f"cutmix_alpha={cutmix_alpha}) makes soft ones: turn them off")
@@ -147,7 +150,10 @@ class MatryoshkaClassifier(L.LightningModule):
             self.embedding_targets = embedding_loss["targets"]
             self.val_retrieval = MatryoshkaRetrieval(dims, retrieval_recall_at)
             self.test_retrieval = MatryoshkaRetrieval(dims, retrieval_recall_at)
-        elif not self.classifier:
+        if freeze_backbone and not self.classifier:
+            raise ValueError("freeze_backbone=True trains only the classifier head, but head 'none' has none: "
+                             "nothing would train")
+        if embedding_loss is None and not self.classifier:
             raise ValueError("head 'none' trains no classifier: give model.embedding_loss (e.g. {loss: SupConLoss}) "
                              "to train the embedding, or choose a classifier head")
         self.criterion = MatryoshkaLoss(len(dims), loss_weights, label_smoothing)

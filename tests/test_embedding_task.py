@@ -148,3 +148,20 @@ def test_open_set_folders_label_evaluation_splits_by_their_own_classes(tmp_path,
     with pytest.raises(ValueError, match="open_set"):
         _cli([*args[:2], str(CONFIG_DIR / "quickstart.yaml"), *args[3:], "--trainer.callbacks", "[]",
               "--model.head", "mrl", "--model.embedding_loss", "null"], tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("kwargs, named", [
+    ({"head": "none"}, "give model.embedding_loss"),
+    ({"head": "none", "embedding_loss": {"loss": "SupConLoss"}, "freeze_backbone": True}, "nothing would train"),
+    ({"head": "ff_projection", "dims": [8], "embedding_loss": {"loss": "SupConLoss"}}, "ff_projection"),
+    ({"embedding_loss": {"loss": "SupConLoss"}, "mixup_alpha": 0.8}, "soft ones"),
+    ({"embedding_loss": {"loss": "SupConLoss", "weight": -1.0}}, "-1.0"),
+    ({"embedding_loss": {"loss": "SupConLoss", "weights": [1.0]}}, "got 1"),
+    ({"embedding_loss": {"loss": "ArcFaceLoss", "targets": "views"}}, "needs class labels"),
+    ({"head": "none", "embedding_loss": {"loss": "SupConLoss"}, "dims": [8, 128]}, "128"),
+])
+def test_task_refuses_bad_combinations_at_construction(kwargs, named):
+    from mrl_vision import MatryoshkaClassifier
+
+    with pytest.raises(ValueError, match=named):
+        MatryoshkaClassifier(num_classes=10, backbone="test_resnet", **kwargs)
