@@ -130,6 +130,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    torch.set_num_threads(1)  # a forked child: no OpenMP pool inherited from the parent's state
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -147,6 +148,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(180)  # a hung rank fails the test instead of the suite
 def test_two_process_loss_and_gradients_equal_one_process(tmp_path):
     import socket
 
@@ -155,7 +157,8 @@ def test_two_process_loss_and_gradients_equal_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    # fork: the children start with this process's imports (a spawned interpreter re-imports torch and timm)
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
     torch.manual_seed(0)
     net = torch.nn.Linear(6, 16)
     x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
