@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--confidence", type=float, default=0.95, help="the bound's confidence (the second row of each)")
     ap.add_argument("--json", default=None, help="also write the rows here")
     a = ap.parse_args(argv)
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # (not set_grad_enabled(False): called in-process, it would leak into the caller)
+        return _evaluate(a)
+
+
+def _evaluate(a: argparse.Namespace) -> list[dict]:
     model, dm = load_run(a.run)
     if len(model.dims) < 2:
         raise SystemExit(f"error: {a.run} has one size ({model.dims}): a cascade needs a Matryoshka head")

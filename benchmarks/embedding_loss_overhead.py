@@ -33,6 +33,7 @@ from mrl_vision.embedding_loss import MatryoshkaEmbeddingLoss
 from mrl_vision.heads import default_dims
 
 
+@torch.enable_grad()  # training steps, whatever the caller's grad mode
 def main(argv=None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", default="resnet50")
