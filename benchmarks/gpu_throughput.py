@@ -182,6 +182,7 @@ def resident_batches(size: int, batch: int, classes: int, steps: int, device: to
             self._mean = torch.tensor(IMAGENET_MEAN) * 255  # as FFCVDataModule keeps them
             self._std = torch.tensor(IMAGENET_STD) * 255
             self.batch_augment = BatchAugment()  # none: the recipe's per-image augmentation is off, as in the FFCV rows
+            self.views = 1  # one view per image (FFCVDataModule's views)
 
         def train_dataloader(self) -> _Repeat:
             return _Repeat(self.batch, steps)
