@@ -173,8 +173,6 @@ class MatryoshkaEmbeddingLoss(nn.Module):
     unweighted loss of each size trained at that step.
     """
 
-    weights: torch.Tensor
-
     def __init__(
         self,
         loss: LossSpec,
@@ -208,8 +206,7 @@ class MatryoshkaEmbeddingLoss(nn.Module):
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                         or num_classes < 1):
             raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        self.register_buffer("weights", torch.tensor(weights), persistent=False)
-        self._weights = weights  # (on the host: no device sync to skip a size of weight 0)
+        self.weights = weights  # on the host: no device sync to weigh a size or skip one of weight 0
         self.n_dims_per_step = n_dims_per_step
         self.normalize = bool(normalize)
         self.gather = bool(gather)
@@ -237,9 +234,8 @@ class MatryoshkaEmbeddingLoss(nn.Module):
         if isinstance(spec, str) or isinstance(spec, type):
             cls = _resolve_class(spec, "loss")
             accepted = init_parameters(cls)
-            for fixed in ("embedding_size",):
-                if fixed in kwargs:
-                    raise ValueError(f"loss_kwargs must not set {fixed}: each size's loss gets its own")
+            if "embedding_size" in kwargs:
+                raise ValueError("loss_kwargs must not set embedding_size: each size's loss gets its own")
             if "num_classes" in accepted and "num_classes" not in kwargs:
                 if num_classes is None:
                     raise ValueError(f"{cls.__name__} learns per-class parameters: it needs num_classes")
@@ -308,7 +304,7 @@ class MatryoshkaEmbeddingLoss(nn.Module):
         if self.gather if gather is None else gather:
             embeddings, labels = gather_batch(embeddings, labels)
         out = {}
-        sizes = range(len(self.dims)) if every_size else [i for i in self.step_sizes(step) if self._weights[i] > 0]
+        sizes = range(len(self.dims)) if every_size else [i for i in self.step_sizes(step) if self.weights[i] > 0]
         for i in sizes:  # (a size of weight 0 is not computed in training: the plain model of a comparison)
             m = self.dims[i]
             z = embeddings[:, :m].float()
@@ -321,11 +317,11 @@ class MatryoshkaEmbeddingLoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, step: int | None = None,
                 every_size: bool = False, gather: bool | None = None) -> torch.Tensor:
         parts = self.per_size(embeddings, labels, step, every_size, gather)
-        weight = dict(zip(self.dims, self._weights))
+        weight = dict(zip(self.dims, self.weights))
         return sum(weight[m] * v for m, v in parts.items())
 
     def extra_repr(self) -> str:
-        return (f"dims={self.dims}, weights={self.weights.tolist()}, n_dims_per_step={self.n_dims_per_step}, "
+        return (f"dims={self.dims}, weights={self.weights}, n_dims_per_step={self.n_dims_per_step}, "
                 f"normalize={self.normalize}, gather={self.gather}, shared={self.shared}")
 
 

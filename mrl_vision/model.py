@@ -29,11 +29,11 @@ from torch import nn
 from .adaptive import cascade_predict
 from .backbones import create_backbone
 from .files import atomic_path, atomic_write_text
-from .heads import HEAD_KINDS, ClassifierHead, build_head, default_dims, validate_dims
+from .heads import HEAD_KINDS, ClassifierHead, HeadKind, build_head, default_dims, validate_dims
 
-MODEL_HEADS: tuple[str, ...] = (*HEAD_KINDS, "none")
+ModelHead = Literal[HeadKind, "none"]
 """The heads a model can have: a classifier of :data:`mrl_vision.heads.HEAD_KINDS`, or ``none`` (an embedder)."""
-ModelHead = Literal["mrl", "mrl_e", "ff", "ff_projection", "none"]
+MODEL_HEADS: tuple[str, ...] = (*HEAD_KINDS, "none")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

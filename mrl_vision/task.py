@@ -100,10 +100,10 @@ class MatryoshkaClassifier(L.LightningModule):
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
-        embedding_loss = EmbeddingLoss.from_any(embedding_loss)  # (a mapping when loaded from a checkpoint)
-        if embedding_loss is not None and embedding_loss.seed is None:
-            embedding_loss.seed = int(torch.initial_seed()) % (2**31)  # recorded: a resumed run draws the same sizes
-        embedding_loss = None if embedding_loss is None else embedding_loss.as_dict()
+        embedding_options = EmbeddingLoss.from_any(embedding_loss)  # (a mapping when loaded from a checkpoint)
+        if embedding_options is not None and embedding_options.seed is None:
+            embedding_options.seed = int(torch.initial_seed()) % (2**31)  # recorded: a resumed run draws the same sizes
+        embedding_loss = None if embedding_options is None else embedding_options.as_dict()  # plain data in hparams
         matryoshka_2d = Matryoshka2d.from_any(matryoshka_2d)  # (a mapping when loaded from a checkpoint)
         if matryoshka_2d is not None and matryoshka_2d.seed is None:
             matryoshka_2d.seed = int(torch.initial_seed()) % (2**31)  # recorded: a resumed run draws the same blocks
@@ -145,9 +145,9 @@ class MatryoshkaClassifier(L.LightningModule):
             if mixup_alpha != 0 or cutmix_alpha != 0:
                 raise ValueError(f"embedding_loss needs hard labels, but Mixup/CutMix (mixup_alpha={mixup_alpha}, "
                                  f"cutmix_alpha={cutmix_alpha}) makes soft ones: turn them off")
-            self.embedding_loss = EmbeddingLoss.from_any(embedding_loss).build(dims, self.model.width, num_classes)
-            self.embedding_weight = float(embedding_loss["weight"])
-            self.embedding_targets = embedding_loss["targets"]
+            self.embedding_loss = embedding_options.build(dims, self.model.width, num_classes)
+            self.embedding_weight = float(embedding_options.weight)
+            self.embedding_targets = embedding_options.targets
             self.val_retrieval = MatryoshkaRetrieval(dims, retrieval_recall_at)
             self.test_retrieval = MatryoshkaRetrieval(dims, retrieval_recall_at)
         if freeze_backbone and not self.classifier:

@@ -256,6 +256,7 @@ class ImageFolderDataModule(MatryoshkaDataModule):
         self.skipped: dict[str, list[str]] = {}
         """The unreadable images left out (``skip_unreadable``), by split."""
         self._split_classes: dict[str, list[str]] = {}
+        self.open_set = bool(open_set)
         if open_set and val_fraction is not None:
             raise ValueError(f"open_set=True evaluates on classes of their own, but val_fraction={val_fraction} holds "
                              "out images of the training classes: give val_dir (and test_dir) folders instead")
@@ -311,7 +312,7 @@ class ImageFolderDataModule(MatryoshkaDataModule):
                     raise FileNotFoundError(f"predict_dir {str(path)!r} holds no images {IMAGE_TYPES}")
                 self._samples[split] = self._readable(split, [(p, -1) for p in files])
             else:
-                own = self.hparams.open_set and split != "train"
+                own = self.open_set and split != "train"
                 classes, samples = scan_split(path, None if own else self.class_to_idx)
                 self._split_classes[split] = classes if own else self.class_names
                 self._samples[split] = self._readable(split, samples)
@@ -322,11 +323,6 @@ class ImageFolderDataModule(MatryoshkaDataModule):
         self._check_split(split)
         self._split_samples(split)
         return self._split_classes.get(split, self.class_names)
-
-    @property
-    def open_set(self) -> bool:
-        """Whether the evaluation splits are labelled by their own classes (see ``open_set``)."""
-        return bool(self.hparams.open_set)
 
     def dataset(self, split: str, evaluate: bool | None = None) -> FolderDataset:
         """The dataset of ``train``, ``val`` or ``test`` (checked when first asked for), with the
