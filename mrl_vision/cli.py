@@ -198,20 +198,25 @@ def _user_errors(command: str, *extra: type[Exception]) -> Iterator[None]:
 
 def prepare_parser() -> argparse.ArgumentParser:
     p = _parser("prepare", "Write an image folder tree (SOURCE/<class>/<image>) or the built-in 'quickstart' "
-        "digits to an FFCV .beton file, with a sidecar OUTPUT.beton.json (sizes, classes, SHA-256 checksum); "
-        "or, with --verify, check an existing file against its sidecar.")
-    p.usage = "%(prog)s SOURCE OUTPUT.beton [options]\n       %(prog)s --verify FILE.beton"
+        "digits to an FFCV .beton file, with a sidecar OUTPUT.beton.json (sizes, classes, SHA-256 checksum), or "
+        "with --format litdata to a folder of litdata chunks for StreamingDataModule (local; upload it as it is "
+        "to stream from object storage); or, with --verify, check an existing .beton file against its sidecar.")
+    p.usage = "%(prog)s SOURCE OUTPUT.beton [options]\n       %(prog)s SOURCE OUT_DIR --format litdata [options]" \
+              "\n       %(prog)s --verify FILE.beton"
     p.add_argument("source", nargs="?", help="image folder tree, or 'quickstart'")
-    p.add_argument("output", nargs="?", help="the .beton file to write")
+    p.add_argument("output", nargs="?", help="the .beton file (or, with --format litdata, the folder) to write")
+    p.add_argument("--format", default="ffcv", choices=["ffcv", "litdata"],
+                   help="ffcv: one .beton file (FFCVDataModule); litdata: a folder of chunks (StreamingDataModule)")
     p.add_argument("--verify", metavar="FILE.beton", default=None,
                    help="check FILE.beton against its sidecar (size, header, labels, checksum) and exit: "
                         "0 when intact, 1 when not")
     p.add_argument("--split", default="train", choices=["train", "val", "test"], help="quickstart split (default train)")
     p.add_argument("--max-resolution", type=int, default=None, help="cap on the longer side in pixels (default: none)")
-    p.add_argument("--write-mode", default="raw", choices=["raw", "jpg", "proportion", "smart"],
-                   help="raw pixels, JPEG, or JPEG with --compress-probability (default raw)")
-    p.add_argument("--compress-probability", type=float, default=0.5, help="for --write-mode proportion")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--write-mode", default=None, choices=["raw", "jpg", "proportion", "smart"],
+                   help="ffcv: raw pixels, JPEG, or JPEG with --compress-probability (default raw)")
+    p.add_argument("--compress-probability", type=float, default=None, help="ffcv, --write-mode proportion (default 0.5)")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="for JPEG written or re-encoded (default 90)")
+    p.add_argument("--chunk-bytes", default=None, help="litdata: chunk size (default 64MB)")
     p.add_argument("--num-workers", type=int, default=-1, help="writer processes (default: all cores)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images per class")
     p.add_argument("--seed", type=int, default=0, help="quickstart split seed")
@@ -222,9 +227,9 @@ def prepare_parser() -> argparse.ArgumentParser:
 
 
 def prepare(args: Sequence[str]) -> dict:
-    """``mrl-vision prepare``: parse ``args`` and write the .beton file (or ``--verify`` one); returns
-    its sidecar. SIGINT or SIGTERM stop the writing, remove the temporary file and exit with status
-    130 or 143."""
+    """``mrl-vision prepare``: parse ``args`` and write the .beton file or the litdata folder (or
+    ``--verify`` a .beton file); returns its sidecar. SIGINT or SIGTERM stop the writing, remove the
+    temporary file and exit with status 130 or 143."""
     from .data.beton import Interrupted, interrupt_on_signals, write_beton
 
     parser = prepare_parser()
@@ -235,14 +240,30 @@ def prepare(args: Sequence[str]) -> dict:
         return _verify_beton(a.verify)
     if a.output is None:
         parser.error("the following arguments are required: " + ("output" if a.source else "source, output"))
+    if a.format == "litdata":
+        given = [f for f, v in (("--write-mode", a.write_mode), ("--compress-probability", a.compress_probability)) if v is not None]
+        if given:
+            parser.error(f"{', '.join(given)} apply to --format ffcv; litdata stores the images' own bytes "
+                         "(--max-resolution re-encodes larger ones as JPEG)")
+    elif a.chunk_bytes is not None:
+        parser.error("--chunk-bytes applies to --format litdata")
     try:
         with _user_errors("prepare", FileExistsError, ImportError), interrupt_on_signals():
-            info = write_beton(
-                a.source, a.output, split=a.split, max_resolution=a.max_resolution, write_mode=a.write_mode,
-                compress_probability=a.compress_probability, jpeg_quality=a.jpeg_quality,
-                num_workers=a.num_workers, limit=a.limit, seed=a.seed, overwrite=a.overwrite,
-                allow_empty_classes=a.allow_empty_classes,
-            )
+            if a.format == "litdata":
+                from .data.chunks import write_chunks
+
+                info = write_chunks(
+                    a.source, a.output, split=a.split, max_resolution=a.max_resolution, jpeg_quality=a.jpeg_quality,
+                    num_workers=a.num_workers, limit=a.limit, seed=a.seed, overwrite=a.overwrite,
+                    allow_empty_classes=a.allow_empty_classes, chunk_bytes=a.chunk_bytes or "64MB",
+                )
+            else:
+                info = write_beton(
+                    a.source, a.output, split=a.split, max_resolution=a.max_resolution, write_mode=a.write_mode or "raw",
+                    compress_probability=0.5 if a.compress_probability is None else a.compress_probability,
+                    jpeg_quality=a.jpeg_quality, num_workers=a.num_workers, limit=a.limit, seed=a.seed,
+                    overwrite=a.overwrite, allow_empty_classes=a.allow_empty_classes,
+                )
     except Interrupted as e:
         print(f"mrl-vision prepare: interrupted by {e.name}; nothing was written to {a.output}", file=sys.stderr)
         entry = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -253,7 +274,8 @@ def prepare(args: Sequence[str]) -> dict:
             sys.stderr.flush()
             os._exit(128 + e.signum)
         raise SystemExit(128 + e.signum) from None
-    summary = {k: info[k] for k in ("num_samples", "num_classes", "file_size", "seconds")}
+    size = "file_size" if a.format == "ffcv" else "data_bytes"
+    summary = {k: info[k] for k in ("num_samples", "num_classes", size, "seconds")}
     print(f"wrote {a.output}: {json.dumps(summary)}")
     return info
 

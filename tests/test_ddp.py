@@ -1,7 +1,7 @@
 """Multi-process DDP through the real console entry point (CPU, gloo, 2 processes).
 
-- ``test`` with 2 processes gives exactly the per-size accuracies of 1 process, for the ImageFolder
-  and the FFCV data modules, on an odd-sized set (21 images: shards of 11 and 10, partial batches),
+- ``test`` with 2 processes gives exactly the per-size accuracies of 1 process, for the ImageFolder,
+  FFCV and litdata streaming data modules, on an odd-sized set (21 images: shards of 11 and 10, partial batches),
   and both equal the accuracies computed here directly from the checkpoint over every image once.
 - ``fit`` with 2 processes shards the training set (ImageFolder through Lightning's sampler, FFCV
   through ``distributed=True``): half the steps of one process.
@@ -84,7 +84,16 @@ def eval_setup(tmp_path_factory):
         write_beton(str(images / "train"), root / "train.beton", write_mode="jpg", num_workers=1)
     except ImportError:
         pass
-    return {"root": root, "images": images, "ckpt": ckpt, "beton": beton}
+    lit = None
+    try:
+        from mrl_vision.data.chunks import write_chunks
+
+        lit = root / "lit"
+        write_chunks(str(images / "val"), lit / "val", num_workers=1)
+        write_chunks(str(images / "train"), lit / "train", num_workers=1)
+    except ImportError:
+        pass
+    return {"root": root, "images": images, "ckpt": ckpt, "beton": beton, "lit": lit}
 
 
 def _data_config(kind: str, setup: dict, batch_size: int = 4) -> dict:
@@ -92,6 +101,13 @@ def _data_config(kind: str, setup: dict, batch_size: int = 4) -> dict:
         return {"class_path": "mrl_vision.data.ImageFolderDataModule",
                 "init_args": {"root": str(setup["images"]), "image_size": 32, "eval_crop_ratio": 1.0,
                               "batch_size": batch_size, "num_workers": 0}}
+    if kind == "streaming":
+        if setup["lit"] is None:
+            pytest.skip("litdata is not installed")
+        return {"class_path": "mrl_vision.data.StreamingDataModule",
+                "init_args": {"train_path": str(setup["lit"] / "train"), "val_path": str(setup["lit"] / "val"),
+                              "image_size": 32, "eval_image_size": 32, "eval_crop_ratio": 1.0,
+                              "batch_size": batch_size, "num_workers": 1}}
     if setup["beton"] is None:
         pytest.skip("ffcv is not installed")
     return {"class_path": "mrl_vision.data.FFCVDataModule",
@@ -144,7 +160,7 @@ def _per_size(log_dir: Path) -> dict[int, float]:
     return {int(r["dims"]): float(r["top1"]) for r in rows}
 
 
-@pytest.mark.parametrize("kind", ["imagefolder", "ffcv"])
+@pytest.mark.parametrize("kind", ["imagefolder", "ffcv", "streaming"])
 def test_two_process_test_equals_one_process(kind, eval_setup):
     """2-process `test` counts a padded duplicate, drops a sample, or disagrees with 1 process."""
     one = _test_run(kind, eval_setup, 1)
@@ -155,7 +171,7 @@ def test_two_process_test_equals_one_process(kind, eval_setup):
     logged1 = {k: float(v) for r in _read_csv(one / "metrics.csv") for k, v in r.items() if k.startswith("test/top") and v}
     logged2 = {k: float(v) for r in _read_csv(two / "metrics.csv") for k, v in r.items() if k.startswith("test/top") and v}
     assert logged1 and logged2 == pytest.approx(logged1, abs=1e-7)
-    if kind == "imagefolder":  # FFCV decodes through its own resize: compare it with 1 process only
+    if kind in ("imagefolder", "streaming"):  # FFCV decodes through its own resize: compare it with 1 process only
         direct = _direct_accuracy(eval_setup)
         assert acc1 == pytest.approx({m: 100 * v for m, v in direct.items()}, abs=1e-4)
 

@@ -42,6 +42,18 @@ def check_subset(subset: Sequence[int], size: int, split: str) -> list[int]:
     return indices
 
 
+def precision_dtype(precision: str | int | None) -> torch.dtype:
+    """The input dtype that matches a Trainer precision setting (``bf16-mixed`` -> bfloat16)."""
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16") or p == "half":
+        return torch.float16
+    if p.startswith("64"):
+        return torch.float64
+    return torch.float32
+
+
 def require_at_least(minimum: int, **values: int) -> None:
     """Raise ``ValueError`` naming the first of ``values`` (arguments by name) below ``minimum``."""
     for name, value in values.items():
@@ -189,6 +201,17 @@ class MatryoshkaDataModule(L.LightningDataModule):
         if subset is not None:
             dataset = Subset(dataset, check_subset(subset, len(dataset), split))
         return self._loader(dataset, batch_size=batch_size, shard=shard)
+
+    def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``uint8 [..., 3, H, W]`` -> normalised ``dtype`` (by ``mean`` and ``std``), on the images' device and
+        memory format: the modules that send ``uint8`` to the accelerator normalise there with it."""
+        key = (images.device, dtype)
+        cache = self.__dict__.setdefault("_norm_cache", {})
+        if key not in cache:  # once per device and dtype: a host-to-device copy every step would sync the GPU
+            mean, std = torch.tensor(self.mean) * 255, torch.tensor(self.std) * 255
+            cache[key] = (mean.to(images.device, dtype).view(-1, 1, 1), std.to(images.device, dtype).view(-1, 1, 1))
+        mean, std = cache[key]
+        return (images.to(dtype) - mean) / std
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # checks (images, labels) pairs; a batch of images alone (unlabeled predict data) passes as it is

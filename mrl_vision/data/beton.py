@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -272,8 +273,8 @@ def pid_running(pid: int) -> bool:
 
 
 def remove_stale_temp_files(output: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files of ``output`` left by a ``prepare`` of this host that is no longer
-    running (killed mid-write), saying so on stderr; return their paths."""
+    """Remove the temporary files (and folders) of ``output`` left by a ``prepare`` of this host that is no
+    longer running (killed mid-write), saying so on stderr; return their paths."""
     output = Path(output)
     if not output.parent.is_dir():
         return []
@@ -284,8 +285,12 @@ def remove_stale_temp_files(output: str | os.PathLike) -> list[Path]:
         m = ours.fullmatch(p.name)
         if m and not pid_running(int(m.group(1))):
             try:
-                size = p.stat().st_size
-                p.unlink()
+                if p.is_dir():  # a litdata folder's (chunks.py)
+                    size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+                    shutil.rmtree(p)
+                else:
+                    size = p.stat().st_size
+                    p.unlink()
             except FileNotFoundError:  # another prepare got there first
                 continue
             removed.append(p)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from .base import MatryoshkaDataModule, check_subset, require_at_least
+from .base import MatryoshkaDataModule, check_subset, precision_dtype, require_at_least  # noqa: F401 (re-exported)
 from .beton import check_beton, require_ffcv
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, check_views
 
@@ -36,18 +36,6 @@ ORDERS = ("random", "quasi_random", "sequential")
 def view_seed(seed: int, view: int) -> int:
     """The seed of training view ``view`` (0: ``seed`` itself), so that each view draws its own crops and flips."""
     return (int(seed) + 1_000_003 * int(view)) % (2**31)
-
-
-def precision_dtype(precision: str | int | None) -> torch.dtype:
-    """The input dtype that matches a Trainer precision setting (``bf16-mixed`` -> bfloat16)."""
-    p = str(precision)
-    if p.startswith("bf16"):
-        return torch.bfloat16
-    if p.startswith("16") or p == "half":
-        return torch.float16
-    if p.startswith("64"):
-        return torch.float64
-    return torch.float32
 
 
 class FFCVDataModule(MatryoshkaDataModule):
@@ -305,16 +293,6 @@ class FFCVDataModule(MatryoshkaDataModule):
         return self.make_loader(split, augment=False, batch_size=batch_size, shard=shard, subset=subset)
 
     # ------------------------------------------------------------------ on the device
-    def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``uint8 [N, 3, H, W]`` -> normalised ``dtype``, on the images' device and memory format."""
-        key = (images.device, dtype)
-        cache = self.__dict__.setdefault("_norm_cache", {})
-        if key not in cache:  # once per device and dtype: a host-to-device copy every step would sync the GPU
-            cache[key] = (self._mean.to(images.device, dtype).view(1, -1, 1, 1),
-                          self._std.to(images.device, dtype).view(1, -1, 1, 1))
-        mean, std = cache[key]
-        return (images.to(dtype) - mean) / std
-
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, *rest = batch
         views = [images]

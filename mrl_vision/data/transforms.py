@@ -29,12 +29,15 @@ def train_transform(
     random_erasing: float = 0.0,
     color_jitter: float = 0.0,
     grayscale: float = 0.0,
+    normalize: bool = True,
 ) -> v2.Compose:
     """RandomResizedCrop + horizontal flip (+ colour jitter, grey scale, ``auto_augment``), then float and
     normalise (+ ``random_erasing``); PIL image or uint8 tensor in. The two options are spelled as in
     :mod:`mrl_vision.data.augment`; ``color_jitter`` is SimCLR's strength ``s`` (brightness, contrast and
     saturation ``0.8 s``, hue ``0.2 s``, applied with probability 0.8; SimCLR uses ``s = 1`` on ImageNet,
-    0.5 on CIFAR), ``grayscale`` the probability of a grey copy (SimCLR: 0.2)."""
+    0.5 on CIFAR), ``grayscale`` the probability of a grey copy (SimCLR: 0.2). ``normalize=False`` stops at the
+    ``uint8`` crop, for data modules that normalise on the accelerator (no ``random_erasing`` then: it works
+    on normalised values)."""
     from .augment import sample_transforms
 
     if not 0.0 <= float(color_jitter) <= 1.0:
@@ -42,6 +45,8 @@ def train_transform(
     if not 0.0 <= float(grayscale) <= 1.0:
         raise ValueError(f"grayscale must be a probability in [0, 1], got {grayscale!r}")
     before, after = sample_transforms(auto_augment, random_erasing)
+    if after and not normalize:
+        raise ValueError(f"random_erasing={random_erasing} works on normalised images; it needs normalize=True")
     ops = [v2.ToImage(), v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True)]
     if hflip > 0:
         ops.append(v2.RandomHorizontalFlip(hflip))
@@ -50,7 +55,9 @@ def train_transform(
         ops.append(v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8))
     if grayscale > 0:
         ops.append(v2.RandomGrayscale(grayscale))
-    ops += [*before, v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), *after]
+    ops += before
+    if normalize:
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)), *after]
     return v2.Compose(ops)
 
 
@@ -59,17 +66,14 @@ def eval_transform(
     crop_ratio: float = 224 / 256,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    normalize: bool = True,
 ) -> v2.Compose:
-    """Resize the short side to ``image_size / crop_ratio``, center crop ``image_size``, normalise."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            v2.Resize(eval_resize(image_size, crop_ratio), antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
+    """Resize the short side to ``image_size / crop_ratio``, center crop ``image_size``, normalise (unless
+    ``normalize=False``: then the ``uint8`` crop)."""
+    ops = [v2.ToImage(), v2.Resize(eval_resize(image_size, crop_ratio), antialias=True), v2.CenterCrop(image_size)]
+    if normalize:
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(ops)
 
 
 def check_views(views: int) -> int:
