@@ -245,6 +245,41 @@ def test_an_unreachable_object_store_fails_in_seconds(tmp_path):
     assert time.time() - start < 60
 
 
+def test_an_s3_bucket_streams_like_the_local_folder(tree, tmp_path):
+    """Reading s3:// (an S3-protocol server on this machine: moto) differs from the local folder, or the
+    training stream does not cache its chunks in cache_dir."""
+    moto_server = pytest.importorskip("moto.server")
+    import socket
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        options = {"endpoint_url": f"http://127.0.0.1:{port}", "aws_access_key_id": "x", "aws_secret_access_key": "y",
+                   "region_name": "us-east-1"}
+        client = boto3.client("s3", **options)
+        client.create_bucket(Bucket="data")
+        for split in ("train", "val"):
+            for f in (tree / "lit" / split).iterdir():
+                client.upload_file(str(f), "data", f"lit/{split}/{f.name}")
+        remote = StreamingDataModule("s3://data/lit/train", "s3://data/lit/val/", image_size=32, eval_image_size=32,
+                                     batch_size=4, num_workers=1, storage_options=options, cache_dir=str(tmp_path / "cache"))
+        assert remote.num_classes == 3 and remote.num_samples("val") == 21
+        for (xa, ya), (xb, yb) in zip(remote.eval_dataloader("val"), _dm(tree).eval_dataloader("val")):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        local = sorted(_labels(_dm(tree, num_workers=1).train_dataloader()))
+        assert sorted(_labels(remote.train_dataloader())) == local
+        assert any(p.is_file() for p in (tmp_path / "cache").rglob("*.bin"))
+        with pytest.raises(FileNotFoundError, match="has no index.json"):
+            StreamingDataModule("s3://data/lit/nothing", storage_options=options)
+    finally:
+        server.stop()
+
+
 def test_cli_names_a_bad_folder_before_training(tree, run_dir):
     """`fit` with a class count that disagrees starts training or fails with a traceback."""
     with pytest.raises(SystemExit) as exc:  # one line: the data module's own message

@@ -33,6 +33,18 @@ require_litdata()
 from litdata import StreamingDataLoader, StreamingDataset  # noqa: E402
 
 
+def allow_plain_http(storage_options: dict[str, Any] | None) -> None:
+    """Stream through boto3 when the store's endpoint is plain ``http://`` (MinIO or another S3-compatible
+    store without TLS on a local network): litdata 0.2.76 downloads chunks with obstore, which refuses
+    plain HTTP (a ``BadScheme`` error in every loader worker), unless it is switched off for this process."""
+    endpoint = str((storage_options or {}).get("endpoint_url") or "")
+    if endpoint.startswith("http://"):
+        from litdata.streaming import downloader
+
+        if hasattr(downloader, "_OBSTORE_AVAILABLE"):
+            downloader._OBSTORE_AVAILABLE = False
+
+
 class StreamedImages(StreamingDataset):
     """A litdata ``StreamingDataset`` of ``{"image": bytes, "label": int}`` items yielding
     ``(transform(image), label)``: decoded and augmented in the loader worker that reads it."""
@@ -173,6 +185,7 @@ class StreamingDataModule(MatryoshkaDataModule):
                         normalize=False)  # checks the augmentation options now
         self.save_hyperparameters(ignore=["num_classes", "storage_options"])  # no credentials in hparams.yaml
         self.storage_options = storage_options
+        allow_plain_http(storage_options)
         test_path = test_path or val_path
         paths = {"train": train_path, "val": val_path, "test": test_path, "predict": predict_path or test_path}
         self.paths = {k: check_location(p) if p else None for k, p in paths.items()}
