@@ -1,6 +1,6 @@
-"""Training-loader throughput: the FFCV data module, the raw ffcv ``Loader`` and torchvision, side by side.
+"""Training-loader throughput: the FFCV data module, the raw ffcv ``Loader``, torchvision and litdata, side by side.
 
-Three loaders run the same training pipeline (RandomResizedCrop, horizontal flip, normalise to
+Four loaders run the same training pipeline (RandomResizedCrop, horizontal flip, normalise to
 float32) at the same crop size, batch size and number of workers, over the same images:
 
 1. ``FFCVDataModule(train_path=...).train_dataloader()``, each batch passed through the module's
@@ -10,7 +10,11 @@ float32) at the same crop size, batch size and number of workers, over the same 
    (RandomResizedCropRGBImageDecoder, RandomHorizontalFlip, NormalizeImage, ToTensor, ToTorchImage),
    the same order (RANDOM), ``os_cache`` and ``batches_ahead``;
 3. torchvision ``ImageFolder`` + ``DataLoader`` (``mrl_vision.data.transforms.train_transform``:
-   RandomResizedCrop + flip + ToDtype + Normalize in the workers), shuffled, persistent workers.
+   RandomResizedCrop + flip + ToDtype + Normalize in the workers), shuffled, persistent workers;
+4. ``StreamingDataModule(train_path=...).train_dataloader()`` (litdata's ``StreamingDataLoader`` over the
+   chunk folder ``mrl-vision prepare --format litdata`` writes, read from local disk: the images' own
+   JPEG bytes, capped at the beton's ``max_resolution``), decoded, cropped, flipped and normalised by
+   the same torchvision transforms in its workers, each batch through ``on_after_batch_transfer``.
 
 The cost of seeding: a fifth row, ``raw Loader, seeded ops``, is the raw Loader of row 2 with the
 seeded crop and flip of ``mrl_vision.data.ffcv_ops`` (drawn from seed, epoch and sample index; a
@@ -36,7 +40,11 @@ ImageNet recipe, at most 500 px) for large crops, ``raw`` for small ones.
     python benchmarks/loader_throughput.py --make-source DIR --sizes 224 --images 3000  # only write the photos
 
 Targets (issue): data module >= 0.95x the raw Loader; >= 10x torchvision at 32 px, >= 4x at 224 px
-(2 cores); seeded ops at no measurable cost against FFCV's own (ratio about 1, within epoch noise). Needs ffcv (``pip install 'mrl-vision[ffcv]'``) and, for generated sources, scikit-image.
+(2 cores); seeded ops at no measurable cost against FFCV's own (ratio about 1, within epoch noise). The
+litdata row has no target: it shows what streaming costs against FFCV on one machine's local disk
+(streaming exists for the data and nodes FFCV cannot serve). Needs ffcv (``pip install 'mrl-vision[ffcv]'``),
+litdata for its row (``pip install 'mrl-vision[streaming]'``; the row is left out without it) and, for
+generated sources, scikit-image.
 """
 
 from __future__ import annotations
@@ -249,6 +257,25 @@ def torchvision_epochs(root: str, crop: int, batch: int, workers: int, seed: int
     return epoch
 
 
+def litdata_module_epochs(path: str, crop: int, batch: int, workers: int, seed: int):
+    from mrl_vision.data import StreamingDataModule
+
+    dm = StreamingDataModule(train_path=path, image_size=crop, batch_size=batch, num_workers=workers, seed=seed,
+                             drop_last=True)
+    loader = dm.train_dataloader()
+
+    def epoch() -> int:
+        n = 0
+        for batch_ in loader:
+            images, _labels = dm.on_after_batch_transfer(batch_, 0)
+            n += images.shape[0]
+        return n
+
+    return epoch
+
+
+LITDATA = "litdata stream module"
+
 LOADERS = {
     "FFCV data module": ffcv_module_epochs,
     "raw ffcv Loader": ffcv_raw_epochs,
@@ -262,13 +289,15 @@ SEEDED_AB = ("raw ffcv Loader", "raw Loader, seeded ops")  # FFCV's own crop + f
 
 
 def measure(source: Path, beton: str, crop: int, batch: int, workers: int, warmup: int, epochs: int, seed: int,
-            ab_rounds: int = 0):
+            ab_rounds: int = 0, chunks: str | None = None):
     """Per loader: images per second of each timed epoch, and the warm-up epochs' seconds; then
     ``ab_rounds`` rounds of only the two loaders of ``SEEDED_AB``, back to back in alternating order
     (ABBA), whose per-round ratios (seeded / FFCV's own) are returned under ``"ab"``."""
     runs = {}
     for name, build in LOADERS.items():
         runs[name] = build(str(source) if name == "torchvision" else beton, crop, batch, workers, seed)
+    if chunks is not None:
+        runs[LITDATA] = litdata_module_epochs(chunks, crop, batch, workers, seed)
     names = list(runs)
     warm: dict[str, list[float]] = {n: [] for n in names}
     rates: dict[str, list[float]] = {n: [] for n in names}
@@ -334,6 +363,14 @@ def main() -> None:
     require_ffcv()
     import importlib.metadata
 
+    try:
+        from mrl_vision.data.chunks import require_litdata, write_chunks
+
+        require_litdata()
+        have_litdata = True
+    except ImportError:
+        have_litdata = False
+
     import torchvision
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loader_bench_"))
@@ -341,7 +378,8 @@ def main() -> None:
     cpu = platform.processor() or platform.machine()
     print(
         f"{os.cpu_count()} CPUs ({cpu}), torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"ffcv {importlib.metadata.version('ffcv')}, CPU only (no GPU used)"
+        f"ffcv {importlib.metadata.version('ffcv')}, "
+        f"litdata {importlib.metadata.version('litdata') if have_litdata else 'not installed'}, CPU only (no GPU used)"
     )
     print(f"workers {args.workers}, warm-up epochs {args.warmup}, timed epochs {args.epochs} (median reported), "
           f"loaders interleaved by epoch; workdir {workdir}{'' if args.workdir else ' (temporary)'}")
@@ -366,12 +404,19 @@ def main() -> None:
                   + (", compress_probability=0.5, jpeg_quality=90" if mode in ("proportion", "smart") else "")
                   + (", jpeg_quality=90" if mode == "jpg" else "")
                   + f", max_resolution={max_res}, {info['file_size'] / 2**20:.1f} MiB, written in {time.time() - t0:.1f} s")
+            chunks = None
+            if have_litdata:
+                chunks = workdir / f"litdata_{crop}px"
+                t0 = time.time()
+                lit = write_chunks(str(source), chunks, max_resolution=max_res, jpeg_quality=90, overwrite=True)
+                print(f"litdata {chunks.name}: the images' own bytes, max_resolution={max_res} (larger ones re-encoded, "
+                      f"JPEG 90), {lit['data_bytes'] / 2**20:.1f} MiB, written in {time.time() - t0:.1f} s")
             rates, warm = measure(source, str(beton), crop, batch, args.workers, args.warmup, args.epochs, args.seed,
-                                  args.ab_rounds)
+                                  args.ab_rounds, None if chunks is None else str(chunks))
             ab = rates.pop("ab")
             med = {n: statistics.median(r) for n, r in rates.items()}
             print(f"{'loader':<24}{'img/s':>9}{'min':>9}{'max':>9}{'warm-up s':>11}{'x raw Loader':>14}{'x torchvision':>15}")
-            for n in LOADERS:
+            for n in rates:
                 print(f"{n:<24}{med[n]:>9.0f}{min(rates[n]):>9.0f}{max(rates[n]):>9.0f}{sum(warm[n]):>11.1f}"
                       f"{med[n] / med['raw ffcv Loader']:>14.3f}{med[n] / med['torchvision']:>15.2f}")
             seeded, ffcv_own = rates[SEEDED_AB[1]], rates[SEEDED_AB[0]]
@@ -397,6 +442,9 @@ def main() -> None:
         print(f"{crop:>4} px, batch {batch:>3}: {vs_raw:.3f}x raw Loader (target >= 0.95: {'met' if vs_raw >= 0.95 else 'NOT met'}), "
               f"{vs_tv:.2f}x torchvision (target >= {tv_target:g}: {'met' if vs_tv >= tv_target else 'NOT met'}); "
               f"seeded crop + flip {seeded:.3f}x FFCV's own ({'A/B median' if ab is not None else 'medians'})")
+        if LITDATA in med:
+            print(f"{'':>16}litdata streaming (local disk): {med[LITDATA]:.0f} img/s, "
+                  f"{med[LITDATA] / med['FFCV data module']:.3f}x the FFCV data module, {med[LITDATA] / med['torchvision']:.2f}x torchvision")
 
 
 if __name__ == "__main__":
