@@ -198,3 +198,16 @@ def test_retrieval_metric_equals_the_computation_by_hand():
         for k in (1, 4):
             assert float(got[f"recall{k}@{m}"]) == pytest.approx(float((near[:, :k] == y[:, None]).any(1).float().mean()))
         assert float(got[f"knn_top1@{m}"]) == pytest.approx(float((knn_vote(near) == y).float().mean()))
+
+
+def test_supcon_on_two_views_is_ntxent():
+    """SupConLoss on instance ids of two views (what the SimCLR config trains with: O(N^2)) is not exactly
+    pytorch-metric-learning's NTXentLoss (O(N^3)) at every prefix, gradients included."""
+    z = torch.randn(24, 32, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    views = torch.arange(12).repeat(2)
+    kw = {"loss_kwargs": {"temperature": 0.5}}
+    a = MatryoshkaEmbeddingLoss("NTXentLoss", [8, 16, 32], **kw)(z, views)
+    (ga,) = torch.autograd.grad(a, z)
+    b = MatryoshkaEmbeddingLoss("SupConLoss", [8, 16, 32], **kw)(z, views)
+    (gb,) = torch.autograd.grad(b, z)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6)
