@@ -167,11 +167,10 @@ def describe_source(root: Path) -> str:
     return f"{len(samples)} images, {len(classes)} classes, mean {w:.0f} x {h:.0f} px, mean file {kb:.1f} KiB"
 
 
-# ----------------------------------------------------------------------------- the three loaders
-def ffcv_module_epochs(path: str, crop: int, batch: int, workers: int, seed: int):
-    from mrl_vision.data.ffcv_loader import FFCVDataModule
-
-    dm = FFCVDataModule(train_path=path, image_size=crop, batch_size=batch, num_workers=workers, seed=seed)
+# ----------------------------------------------------------------------------- the loaders
+def module_epochs(dm):
+    """One training pass of data module ``dm`` per call (each batch through its ``on_after_batch_transfer``),
+    returning the images it gave."""
     loader = dm.train_dataloader()
 
     def epoch() -> int:
@@ -182,6 +181,12 @@ def ffcv_module_epochs(path: str, crop: int, batch: int, workers: int, seed: int
         return n
 
     return epoch
+
+
+def ffcv_module_epochs(path: str, crop: int, batch: int, workers: int, seed: int):
+    from mrl_vision.data.ffcv_loader import FFCVDataModule
+
+    return module_epochs(FFCVDataModule(train_path=path, image_size=crop, batch_size=batch, num_workers=workers, seed=seed))
 
 
 def ffcv_raw_epochs(path: str, crop: int, batch: int, workers: int, seed: int, normalize: bool = True,
@@ -260,18 +265,8 @@ def torchvision_epochs(root: str, crop: int, batch: int, workers: int, seed: int
 def litdata_module_epochs(path: str, crop: int, batch: int, workers: int, seed: int):
     from mrl_vision.data import StreamingDataModule
 
-    dm = StreamingDataModule(train_path=path, image_size=crop, batch_size=batch, num_workers=workers, seed=seed,
-                             drop_last=True)
-    loader = dm.train_dataloader()
-
-    def epoch() -> int:
-        n = 0
-        for batch_ in loader:
-            images, _labels = dm.on_after_batch_transfer(batch_, 0)
-            n += images.shape[0]
-        return n
-
-    return epoch
+    return module_epochs(StreamingDataModule(train_path=path, image_size=crop, batch_size=batch, num_workers=workers,
+                                             seed=seed, drop_last=True))
 
 
 LITDATA = "litdata stream module"

@@ -291,19 +291,6 @@ def test_cli_names_a_bad_folder_before_training(tree, run_dir):
     assert "has 3 classes but the data module expects num_classes=5" in message
 
 
-def test_the_imagenet_litdata_config_parses(run_dir, capsys):
-    """configs/imagenet/resnet_litdata.yaml does not parse, or loses its data settings."""
-    from conftest import CONFIG_DIR
-
-    with pytest.raises(SystemExit) as exc:
-        cli(["fit", "--config", str(CONFIG_DIR / "trainer" / "gpu.yaml"), "--config",
-             str(CONFIG_DIR / "imagenet" / "resnet_litdata.yaml"), "--print_config"])
-    assert exc.value.code in (0, None)
-    data = yaml.safe_load(capsys.readouterr().out)["data"]
-    assert data["class_path"] == "mrl_vision.data.StreamingDataModule"
-    assert data["init_args"]["train_path"].startswith("s3://") and data["init_args"]["max_cache_size"] == "200GB"
-
-
 # ----------------------------------------------------------------------------- training runs
 def _identity_setup(root: Path) -> Path:
     """``IDS`` classes of one training and one validation image each, as litdata folders, and a config whose
