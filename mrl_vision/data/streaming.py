@@ -264,7 +264,7 @@ class StreamingDataModule(MatryoshkaDataModule):
         dataset = StreamedImages(path, self._train_transform(), shuffle=hp.shuffle, seed=hp.seed,
                                  drop_last=hp.drop_last or world > 1, **self._stream_options())
         loader = ResumableLoader(dataset, batch_size=hp.batch_size, num_workers=hp.num_workers,
-                                     pin_memory=self.pin_memory and torch.cuda.is_available())
+                                 pin_memory=self.pin_memory and torch.cuda.is_available())
         if self._resume_state is not None:  # a resumed run: continue the checkpoint's epoch where it stopped
             loader.load_state_dict(self._resume_state)
             self._resume_state = None
