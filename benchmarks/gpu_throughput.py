@@ -179,8 +179,7 @@ def resident_batches(size: int, batch: int, classes: int, steps: int, device: to
             images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2)
             labels = torch.randint(0, classes, (batch,), generator=g)
             self.batch = [images.to(device), labels.to(device)]
-            self._mean = torch.tensor(IMAGENET_MEAN) * 255  # as FFCVDataModule keeps them
-            self._std = torch.tensor(IMAGENET_STD) * 255
+            self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)  # what the data modules' normalize reads
             self.batch_augment = BatchAugment()  # none: the recipe's per-image augmentation is off, as in the FFCV rows
             self.views = 1  # one view per image (FFCVDataModule's views)
 
