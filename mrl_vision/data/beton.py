@@ -121,6 +121,23 @@ class QuickstartSource:
         return np.repeat(self.images[i][:, :, None], 3, axis=2), int(self.labels[i])
 
 
+def open_source(source: str, split: str = "train", seed: int = 0, limit: int | None = None,
+                allow_empty_classes: bool = False) -> "FolderSource | QuickstartSource":
+    """What ``prepare`` writes (to FFCV or litdata): the ``quickstart`` digits' ``split``, or the image folder tree
+    ``source``; ``FileNotFoundError`` for anything else, ``ValueError`` when it holds no samples."""
+    if source == "quickstart":
+        dataset = QuickstartSource(split, seed=seed, limit=limit)
+    elif Path(source).is_dir():
+        dataset = FolderSource(source, limit=limit, allow_empty_classes=allow_empty_classes)
+    else:
+        raise FileNotFoundError(
+            f"source {source!r} is neither an image folder (SOURCE/<class>/<image>) nor 'quickstart'"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"source {source!r} has no samples to write")
+    return dataset
+
+
 def first_per_class(labels: Sequence[int], limit: int) -> list[int]:
     """Positions of the first ``limit`` samples of each class, in order."""
     if limit < 1:
@@ -353,16 +370,7 @@ def write_beton(
     remove_stale_temp_files(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{str(output)!r} exists; pass --overwrite to replace it")
-    if source == "quickstart":
-        dataset = QuickstartSource(split, seed=seed, limit=limit)
-    elif Path(source).is_dir():
-        dataset = FolderSource(source, limit=limit, allow_empty_classes=allow_empty_classes)
-    else:
-        raise FileNotFoundError(
-            f"source {source!r} is neither an image folder (SOURCE/<class>/<image>) nor 'quickstart'"
-        )
-    if len(dataset) == 0:
-        raise ValueError(f"source {source!r} has no samples to write")
+    dataset = open_source(source, split, seed, limit, allow_empty_classes)
 
     options = {
         "write_mode": write_mode,

@@ -142,7 +142,7 @@ def write_chunks(
     require_litdata()
     import litdata
 
-    from .beton import FolderSource, QuickstartSource, remove_stale_temp_files
+    from .beton import open_source, remove_stale_temp_files
 
     if is_remote(output):
         raise ValueError(f"--format litdata writes a local folder, got {str(output)!r}: write it here, then upload "
@@ -161,14 +161,7 @@ def write_chunks(
     if output.is_dir() and any(output.iterdir()) and not (output / SIDECAR_NAME).is_file():
         raise FileExistsError(f"{str(output)!r} holds files that mrl-vision did not write; --overwrite replaces "
                               "only folders written by `mrl-vision prepare --format litdata`")
-    if source == "quickstart":
-        dataset = QuickstartSource(split, seed=seed, limit=limit)
-    elif Path(source).is_dir():
-        dataset = FolderSource(source, limit=limit, allow_empty_classes=allow_empty_classes)
-    else:
-        raise FileNotFoundError(f"source {source!r} is neither an image folder (SOURCE/<class>/<image>) nor 'quickstart'")
-    if len(dataset) == 0:
-        raise ValueError(f"source {source!r} has no samples to write")
+    dataset = open_source(source, split, seed, limit, allow_empty_classes)
     workers = (os.cpu_count() or 1) if num_workers in (-1, 0, None) else int(num_workers)
     start = time.time()
     tmp = temp_dir_path(output)  # holds this host and pid: a later prepare can tell a stale one
